@@ -1,0 +1,256 @@
+// The format-independent image: generic read and block status over a format's shallow mapping,
+// with the backing chain followed here (never inside a format).
+
+import type { Storage } from './io/storage.js';
+import { readFullZeroFill } from './io/storage.js';
+import { storageExtents } from './sparse/extents.js';
+import { UsageError } from './errors.js';
+
+export type ImageFormat = 'qcow2' | 'raw';
+
+/**
+ * How a format's own data answers "what is at this guest range", without looking at backing files.
+ * One mapping covers `length` bytes that share a kind (and, for data, are contiguous on the host).
+ *
+ * - `data`: bytes stored uncompressed at `hostOffset` in `storage`. `hostProbe` says how QEMU's
+ *   block status looks through to the host file: `raw` (the raw format: a host hole is reported as
+ *   zero and not data), `recurse` (qcow2 with metadata preallocation: a host hole adds "zero" to
+ *   "data") or `none`.
+ * - `zero`: reads as zeros regardless of backing (qcow2 zero flag). `hostOffset` is set when the
+ *   cluster is preallocated (QEMU's ZERO_ALLOC).
+ * - `unallocated`: the backing file decides (zeros if none). `hostOffset` is set for QEMU's
+ *   UNALLOCATED_ALLOC subclusters (extended L2).
+ * - `compressed`: one compressed cluster (or part of one); read it with `readCompressed`.
+ */
+export type ShallowMapping =
+  | { kind: 'data'; length: number; storage: Storage; hostOffset: number; hostProbe: 'none' | 'raw' | 'recurse' }
+  | { kind: 'zero'; length: number; storage?: Storage; hostOffset?: number }
+  | { kind: 'unallocated'; length: number; storage?: Storage; hostOffset?: number }
+  | { kind: 'compressed'; length: number };
+
+/** What a format supplies to the generic layer. */
+export interface FormatDriver {
+  readonly format: ImageFormat;
+  /** Guest-visible size in bytes. */
+  readonly virtualSize: number;
+  /** The storage holding the image's own metadata (the file named on the command line). */
+  readonly storage: Storage;
+  /**
+   * The mapping at guestOffset (< virtualSize), covering 1..maxLength bytes. Never does I/O
+   * beyond the metadata needed to answer (an L2 table at most).
+   */
+  getMapping(guestOffset: number, maxLength: number): Promise<ShallowMapping>;
+  /** Fills buf with guest bytes [guestOffset, guestOffset+buf.length), which lie in one compressed cluster. */
+  readCompressed(guestOffset: number, buf: Uint8Array): Promise<void>;
+  close(): Promise<void>;
+}
+
+/**
+ * One run of block status, as qemu-img map reports it: `present` = allocated in some layer of
+ * the chain, `depth` = how many backing links were followed, `hostOffset` + `file` when the bytes'
+ * host location is known (not for compressed clusters).
+ */
+export interface BlockStatus {
+  offset: number;
+  length: number;
+  data: boolean;
+  zero: boolean;
+  present: boolean;
+  depth: number;
+  compressed: boolean;
+  hostOffset?: number;
+  file?: Storage;
+}
+
+/** An open image with its backing chain. Reads, block status; writes come with the write engine. */
+export class Image {
+  readonly driver: FormatDriver;
+  /** The backing image (itself with its own backing), or null. */
+  readonly backing: Image | null;
+
+  constructor(driver: FormatDriver, backing: Image | null) {
+    this.driver = driver;
+    this.backing = backing;
+  }
+
+  get format(): ImageFormat {
+    return this.driver.format;
+  }
+
+  get virtualSize(): number {
+    return this.driver.virtualSize;
+  }
+
+  get storage(): Storage {
+    return this.driver.storage;
+  }
+
+  /** Reads `length` guest bytes at `offset` into a new buffer. */
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    const buf = new Uint8Array(length);
+    await this.readInto(buf, offset);
+    return buf;
+  }
+
+  /**
+   * Fills buf with the guest bytes at offset. Adjacent host runs are merged into one storage read,
+   * and adjacent unallocated runs into one backing read; all I/O for the request runs concurrently.
+   */
+  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    const length = buf.length;
+    if (offset < 0 || offset + length > this.virtualSize) {
+      throw new UsageError(`read of ${length} bytes at ${offset} is outside the image (size ${this.virtualSize})`);
+    }
+    const ios: Promise<void>[] = [];
+    // Pending coalesced data run.
+    let dStorage: Storage | null = null;
+    let dHost = 0;
+    let dPos = 0;
+    let dLen = 0;
+    // Pending coalesced backing run.
+    let bPos = -1;
+    let bLen = 0;
+    const flushData = (): void => {
+      if (dStorage && dLen > 0) ios.push(readFullZeroFill(dStorage, buf.subarray(dPos, dPos + dLen), dHost));
+      dStorage = null;
+      dLen = 0;
+    };
+    const flushBacking = (): void => {
+      if (bLen > 0) ios.push(this.readFromBacking(buf.subarray(bPos, bPos + bLen), offset + bPos));
+      bLen = 0;
+      bPos = -1;
+    };
+    let pos = 0;
+    while (pos < length) {
+      const m = await this.driver.getMapping(offset + pos, length - pos);
+      const n = Math.min(m.length, length - pos);
+      if (m.kind !== 'unallocated') flushBacking();
+      if (m.kind !== 'data') flushData();
+      switch (m.kind) {
+        case 'data':
+          if (dStorage === m.storage && dHost + dLen === m.hostOffset) {
+            dLen += n;
+          } else {
+            flushData();
+            dStorage = m.storage;
+            dHost = m.hostOffset;
+            dPos = pos;
+            dLen = n;
+          }
+          break;
+        case 'zero':
+          buf.fill(0, pos, pos + n);
+          break;
+        case 'unallocated':
+          if (bLen === 0) bPos = pos;
+          bLen += n;
+          break;
+        case 'compressed':
+          ios.push(this.driver.readCompressed(offset + pos, buf.subarray(pos, pos + n)));
+          break;
+      }
+      pos += n;
+    }
+    flushData();
+    flushBacking();
+    await Promise.all(ios);
+  }
+
+  /** Reads an unallocated range through the backing chain; past the backing's end reads zeros. */
+  private async readFromBacking(buf: Uint8Array, offset: number): Promise<void> {
+    const backing = this.backing;
+    if (!backing || offset >= backing.virtualSize) {
+      buf.fill(0);
+      return;
+    }
+    const inBacking = Math.min(buf.length, backing.virtualSize - offset);
+    if (inBacking < buf.length) buf.fill(0, inBacking);
+    await backing.readInto(inBacking === buf.length ? buf : buf.subarray(0, inBacking), offset);
+  }
+
+  /**
+   * Block status of the run starting at offset (at most maxLength bytes), following the chain the
+   * way qemu-img map does: a layer that neither has data nor zeros passes the question to its
+   * backing file, one depth further down.
+   */
+  async blockStatusAt(offset: number, maxLength: number): Promise<BlockStatus> {
+    let bytes = Math.min(maxLength, this.virtualSize - offset);
+    if (bytes <= 0) throw new UsageError(`block status at ${offset} is outside the image`);
+    // eslint-disable-next-line @typescript-eslint/no-this-alias
+    let layer: Image = this;
+    let depth = 0;
+    for (;;) {
+      const m = await layer.driver.getMapping(offset, bytes);
+      bytes = Math.min(bytes, m.length);
+      if (m.kind === 'data') {
+        const st: BlockStatus = {
+          offset, length: bytes, data: true, zero: false, present: true, depth, compressed: false,
+          hostOffset: m.hostOffset, file: m.storage,
+        };
+        if (m.hostProbe !== 'none') await probeHost(st, m.storage, m.hostProbe);
+        return st;
+      }
+      if (m.kind === 'compressed') {
+        return { offset, length: bytes, data: true, zero: false, present: true, depth, compressed: true };
+      }
+      if (m.kind === 'zero') {
+        return {
+          offset, length: bytes, data: false, zero: true, present: true, depth, compressed: false,
+          ...(m.hostOffset !== undefined ? { hostOffset: m.hostOffset, file: m.storage } : {}),
+        };
+      }
+      // Unallocated here: the backing file decides; with none (or past its end) the range reads as zeros.
+      const backing = layer.backing;
+      if (!backing || offset >= backing.virtualSize) {
+        return {
+          offset, length: bytes, data: false, zero: true, present: false, depth, compressed: false,
+          ...(m.hostOffset !== undefined ? { hostOffset: m.hostOffset, file: m.storage } : {}),
+        };
+      }
+      bytes = Math.min(bytes, backing.virtualSize - offset);
+      layer = backing;
+      depth++;
+    }
+  }
+
+  /** Block status runs covering [offset, offset+length), in order. */
+  async *blockStatus(offset = 0, length = this.virtualSize - offset): AsyncGenerator<BlockStatus> {
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const st = await this.blockStatusAt(pos, end - pos);
+      yield st;
+      pos += st.length;
+    }
+  }
+
+  /** Closes this image and its whole backing chain. */
+  async close(): Promise<void> {
+    await this.driver.close();
+    if (this.backing) await this.backing.close();
+  }
+}
+
+/** Looks through a data run to the host file, as QEMU's block status does for raw and preallocated qcow2. */
+async function probeHost(st: BlockStatus, storage: Storage, how: 'raw' | 'recurse'): Promise<void> {
+  const host = st.hostOffset!;
+  const size = await storage.size();
+  if (host >= size) {
+    // Past the host file's end reads as zeros.
+    st.zero = true;
+    if (how === 'raw') st.data = false;
+    return;
+  }
+  const [first] = await storageExtents(storage, host, Math.min(st.length, size - host));
+  if (!first) return;
+  if (first.offset + first.length < host + st.length && host + first.length < size) {
+    st.length = first.offset + first.length - host;
+  } else if (first.offset + first.length < host + st.length) {
+    // The extent ends at the file's end: with a hole there the rest reads as zeros too.
+    if (!first.hole) st.length = first.offset + first.length - host;
+  }
+  if (first.hole) {
+    st.zero = true;
+    if (how === 'raw') st.data = false;
+  }
+}

@@ -1,0 +1,78 @@
+// The storage interface: bytes at offsets. Every format reaches bytes only through this.
+
+/** One run of a storage's address space: data (allocated) or a hole (reads as zeros, unallocated). */
+export interface StorageExtent {
+  offset: number;
+  length: number;
+  hole: boolean;
+}
+
+/**
+ * A random-access byte store (a file, a buffer in memory, later an HTTP range reader or a Blob).
+ *
+ * The required core is read/write/size/truncate/flush/close. Optional capabilities are present
+ * only when the backend has them natively; src/sparse supplies the fallbacks, so callers use
+ * `storageExtents(storage, ...)` etc. rather than calling these directly.
+ */
+export interface Storage {
+  /** The name the storage was opened by (a path for files), shown to users as qemu-img shows it. */
+  readonly name: string;
+  readonly readOnly: boolean;
+  /**
+   * Reads up to buf.length bytes at offset into buf. Returns how many bytes were read; fewer than
+   * asked only at end of storage (the caller decides whether a short read is an error).
+   */
+  read(buf: Uint8Array, offset: number): Promise<number>;
+  /** Writes all of buf at offset, extending the storage if needed. */
+  write(buf: Uint8Array, offset: number): Promise<void>;
+  size(): Promise<number>;
+  truncate(size: number): Promise<void>;
+  flush(): Promise<void>;
+  close(): Promise<void>;
+
+  /** Data/hole runs covering [offset, offset+length) clipped to the storage size (SEEK_DATA/SEEK_HOLE). */
+  extents?(offset: number, length: number): Promise<StorageExtent[]>;
+  /** Deallocates the range so that it reads as zeros (punch hole). */
+  discard?(offset: number, length: number): Promise<void>;
+  /** Makes the range read as zeros without writing zero bytes where the backend can. */
+  writeZeroes?(offset: number, length: number): Promise<void>;
+  /** Bytes the storage occupies on its medium (st_blocks * 512 for files): qemu-img's "disk size". */
+  allocatedSize?(): Promise<number>;
+}
+
+export interface OpenStorageOptions {
+  readOnly: boolean;
+  /** Create the file (truncating an existing one) instead of opening it. */
+  create?: boolean;
+}
+
+/**
+ * The gate through which files named inside an image (backing files, external data files) are
+ * opened. The caller decides: the CLI passes a permissive gate like qemu-img; a library user
+ * handling untrusted images can refuse.
+ */
+export interface StorageGate {
+  /**
+   * Opens `name` as written in the image's metadata; `relativeTo` is the storage of the image that
+   * names it (relative names resolve against its directory, as QEMU does).
+   */
+  open(
+    name: string,
+    options: OpenStorageOptions & { relativeTo?: Storage; purpose: 'backing' | 'data-file' },
+  ): Promise<Storage>;
+  /** The name QEMU would report as the resolved path ("actual path"/full-backing-filename). */
+  resolveName?(name: string, relativeTo?: Storage): string;
+}
+
+/** Reads exactly buf.length bytes at offset; bytes past the end of storage read as zeros. */
+export async function readFullZeroFill(storage: Storage, buf: Uint8Array, offset: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const n = await storage.read(done === 0 ? buf : buf.subarray(done), offset + done);
+    if (n <= 0) {
+      buf.fill(0, done);
+      return;
+    }
+    done += n;
+  }
+}
