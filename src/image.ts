@@ -5,6 +5,7 @@ import type { Storage } from './io/storage.js';
 import { readFullZeroFill } from './io/storage.js';
 import { storageExtents } from './sparse/extents.js';
 import { UsageError } from './errors.js';
+import type { ImageInfo } from './info.js';
 
 export type ImageFormat = 'qcow2' | 'raw';
 
@@ -42,6 +43,8 @@ export interface FormatDriver {
   getMapping(guestOffset: number, maxLength: number): Promise<ShallowMapping>;
   /** Fills buf with guest bytes [guestOffset, guestOffset+buf.length), which lie in one compressed cluster. */
   readCompressed(guestOffset: number, buf: Uint8Array): Promise<void>;
+  /** Facts for `qimg info` (the backing fields are filled from the metadata, not the opened chain). */
+  info(): Promise<ImageInfo>;
   close(): Promise<void>;
 }
 
@@ -222,6 +225,10 @@ export class Image {
       yield st;
       pos += st.length;
     }
+  }
+
+  info(): Promise<ImageInfo> {
+    return this.driver.info();
   }
 
   /** Closes this image and its whole backing chain. */
