@@ -1,0 +1,303 @@
+// A Storage over a file (fs/promises FileHandle), with koffi fast paths when available.
+// This is the only module in src/ that imports node:fs.
+
+import { open as fsOpen, type FileHandle } from 'node:fs/promises';
+import type { OpenStorageOptions, Storage, StorageExtent } from './storage.js';
+import { IoError, UsageError } from '../errors.js';
+import { checkOpen, checkRange, checkWritable } from './check.js';
+import { loadNative, NATIVE_ENXIO, type NativeFileOps } from './native.js';
+import { writeZeroBytes } from './zero.js';
+
+export interface FileStorageOptions extends OpenStorageOptions {
+  /**
+   * Use the native fast paths (SEEK_DATA/SEEK_HOLE extents, punch-hole discard) when koffi loads.
+   * Default true; QIMG_NO_NATIVE=1 disables them regardless.
+   */
+  native?: boolean;
+}
+
+/** strerror(3) texts for the errno codes Node reports, as QEMU prints them. */
+const STRERROR: Record<string, string> = {
+  ENOENT: 'No such file or directory',
+  EACCES: 'Permission denied',
+  EPERM: 'Operation not permitted',
+  EISDIR: 'Is a directory',
+  ENOTDIR: 'Not a directory',
+  EEXIST: 'File exists',
+  EROFS: 'Read-only file system',
+  ENOSPC: 'No space left on device',
+  EIO: 'Input/output error',
+  EBADF: 'Bad file descriptor',
+  EINVAL: 'Invalid argument',
+  EFBIG: 'File too large',
+  EMFILE: 'Too many open files',
+  ENFILE: 'Too many open files in system',
+  ELOOP: 'Too many levels of symbolic links',
+  ENAMETOOLONG: 'File name too long',
+  ETXTBSY: 'Text file busy',
+  EBUSY: 'Device or resource busy',
+  EAGAIN: 'Resource temporarily unavailable',
+  EOPNOTSUPP: 'Operation not supported',
+  ENOTSUP: 'Operation not supported',
+  ENXIO: 'No such device or address',
+  ENODEV: 'No such device',
+  EDQUOT: 'Disk quota exceeded',
+};
+
+/** Linux errno numbers for the codes the native path returns. */
+const ERRNO_NAMES: Record<number, string> = {
+  1: 'EPERM', 5: 'EIO', 6: 'ENXIO', 9: 'EBADF', 13: 'EACCES', 22: 'EINVAL', 27: 'EFBIG',
+  28: 'ENOSPC', 30: 'EROFS', 38: 'ENOSYS', 95: 'EOPNOTSUPP',
+};
+
+/** The strerror text for an errno code name ("ENOENT" -> "No such file or directory"). */
+export function strerror(code: string | undefined): string {
+  if (!code) return 'Unknown error';
+  return STRERROR[code] ?? code;
+}
+
+function errnoCode(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+function wrap(what: string, path: string, err: unknown, data: Record<string, unknown> = {}): IoError {
+  if (err instanceof IoError) return err;
+  const code = errnoCode(err);
+  const text = code ? strerror(code) : err instanceof Error ? err.message : String(err);
+  return new IoError(`${what} '${path}': ${text}`, { path, errno: code, ...data }, { cause: err });
+}
+
+/** fs open flags: read-only, read-write, and create (truncating). */
+const DEFAULT_OPEN_FLAGS = { read: 'r', write: 'r+', create: 'w+' } as const;
+
+export class FileStorage implements Storage {
+  readonly name: string;
+  readonly readOnly: boolean;
+  /** Present when the native fast paths are loaded (SEEK_DATA/SEEK_HOLE). */
+  readonly extents?: (offset: number, length: number) => Promise<StorageExtent[]>;
+  /** Present when the native fast paths are loaded (punch hole). */
+  readonly discard?: (offset: number, length: number) => Promise<void>;
+  /** Present when the native fast paths are loaded (punch hole, then extend). */
+  readonly writeZeroes?: (offset: number, length: number) => Promise<void>;
+  private readonly handle: FileHandle;
+  private readonly native: NativeFileOps | null;
+  private closed = false;
+  /** Cleared when the file system refuses FALLOC_FL_PUNCH_HOLE; discard then writes zeros. */
+  private punchSupported = true;
+
+  private constructor(name: string, handle: FileHandle, readOnly: boolean, native: NativeFileOps | null) {
+    this.name = name;
+    this.handle = handle;
+    this.readOnly = readOnly;
+    this.native = native;
+    if (native) {
+      this.extents = (offset, length) => this.nativeExtents(offset, length);
+      if (!readOnly) {
+        this.discard = (offset, length) => this.nativeDiscard(offset, length);
+        this.writeZeroes = (offset, length) => this.nativeWriteZeroes(offset, length);
+      }
+    }
+  }
+
+  /**
+   * Opens (or with `create`, creates and truncates) the file at `path`. Errors are IoErrors worded
+   * as QEMU's: `Could not open '<path>': <strerror>`.
+   */
+  static async open(path: string, options: FileStorageOptions): Promise<FileStorage> {
+    if (options.create && options.readOnly) {
+      throw new UsageError(`Could not create '${path}': cannot create a file read-only`, { path });
+    }
+    const flags = options.create
+      ? DEFAULT_OPEN_FLAGS.create
+      : options.readOnly
+        ? DEFAULT_OPEN_FLAGS.read
+        : DEFAULT_OPEN_FLAGS.write;
+    let handle: FileHandle;
+    try {
+      handle = await fsOpen(path, flags);
+    } catch (err) {
+      throw wrap('Could not open', path, err);
+    }
+    try {
+      const st = await handle.stat();
+      if (st.isDirectory()) {
+        throw Object.assign(new Error('Is a directory'), { code: 'EISDIR' });
+      }
+    } catch (err) {
+      await handle.close().catch(() => undefined);
+      throw wrap('Could not open', path, err);
+    }
+    const native = options.native === false ? null : loadNative();
+    return new FileStorage(path, handle, options.readOnly && !options.create, native);
+  }
+
+  /** The OS file descriptor (for native calls); stays valid until close. */
+  get fd(): number {
+    return this.handle.fd;
+  }
+
+  /** True when the native fast paths (koffi) are in use. */
+  get nativeEnabled(): boolean {
+    return this.native !== null;
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<number> {
+    checkOpen(this.name, this.closed);
+    checkRange(this.name, offset, buf.length);
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const { bytesRead } = await this.handle.read(buf, done, buf.length - done, offset + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+    } catch (err) {
+      throw wrap('Could not read', this.name, err, { offset: offset + done });
+    }
+    return done;
+  }
+
+  async write(buf: Uint8Array, offset: number): Promise<void> {
+    checkOpen(this.name, this.closed);
+    checkWritable(this.name, this.readOnly);
+    checkRange(this.name, offset, buf.length);
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const { bytesWritten } = await this.handle.write(buf, done, buf.length - done, offset + done);
+        if (bytesWritten <= 0) throw Object.assign(new Error('short write'), { code: 'EIO' });
+        done += bytesWritten;
+      }
+    } catch (err) {
+      throw wrap('Could not write to', this.name, err, { offset: offset + done });
+    }
+  }
+
+  async size(): Promise<number> {
+    checkOpen(this.name, this.closed);
+    try {
+      return (await this.handle.stat()).size;
+    } catch (err) {
+      throw wrap('Could not stat', this.name, err);
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    checkOpen(this.name, this.closed);
+    checkWritable(this.name, this.readOnly);
+    checkRange(this.name, size, 0);
+    try {
+      await this.handle.truncate(size);
+    } catch (err) {
+      throw wrap('Could not truncate', this.name, err, { size });
+    }
+  }
+
+  async flush(): Promise<void> {
+    checkOpen(this.name, this.closed);
+    if (this.readOnly) return;
+    try {
+      // QEMU's flush of a file is fdatasync.
+      await this.handle.datasync();
+    } catch (err) {
+      throw wrap('Could not flush', this.name, err);
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      await this.handle.close();
+    } catch (err) {
+      throw wrap('Could not close', this.name, err);
+    }
+  }
+
+  /** st_blocks × 512: what qemu-img reports as "disk size". */
+  async allocatedSize(): Promise<number> {
+    checkOpen(this.name, this.closed);
+    try {
+      return (await this.handle.stat()).blocks * 512;
+    } catch (err) {
+      throw wrap('Could not stat', this.name, err);
+    }
+  }
+
+  private async nativeExtents(offset: number, length: number): Promise<StorageExtent[]> {
+    checkOpen(this.name, this.closed);
+    checkRange(this.name, offset, length);
+    const native = this.native!;
+    const end = Math.min(await this.size(), offset + length);
+    const out: StorageExtent[] = [];
+    if (end <= offset) return out;
+    const push = (start: number, stop: number, hole: boolean): void => {
+      const s = Math.max(start, offset);
+      const e = Math.min(stop, end);
+      if (e <= s) return;
+      const last = out[out.length - 1];
+      if (last && last.hole === hole && last.offset + last.length === s) last.length += e - s;
+      else out.push({ offset: s, length: e - s, hole });
+    };
+    const fd = this.handle.fd;
+    let pos = offset;
+    while (pos < end) {
+      const data = native.seekData(fd, pos);
+      if (data === -NATIVE_ENXIO) {
+        // No data from pos to EOF.
+        push(pos, end, true);
+        break;
+      }
+      if (data < 0) {
+        // The file system cannot answer (should not happen: Linux treats such files as all data).
+        push(pos, end, false);
+        break;
+      }
+      push(pos, data, true);
+      if (data >= end) break;
+      let hole = native.seekHole(fd, data);
+      if (hole < 0) hole = end; // ENXIO here means the file shrank under us: call the rest data.
+      push(data, hole, false);
+      if (hole <= pos) break; // defensive: never loop without progress
+      pos = hole;
+    }
+    return out;
+  }
+
+  private async nativeDiscard(offset: number, length: number): Promise<void> {
+    checkOpen(this.name, this.closed);
+    checkWritable(this.name, this.readOnly);
+    checkRange(this.name, offset, length);
+    // Like memory's discard and a punch hole with KEEP_SIZE: never past EOF, never changes the size.
+    const end = Math.min(offset + length, await this.size());
+    if (end <= offset) return;
+    await this.punchOrZero(offset, end - offset);
+  }
+
+  private async nativeWriteZeroes(offset: number, length: number): Promise<void> {
+    checkOpen(this.name, this.closed);
+    checkWritable(this.name, this.readOnly);
+    checkRange(this.name, offset, length);
+    const size = await this.size();
+    const end = offset + length;
+    if (Math.min(end, size) > offset) await this.punchOrZero(offset, Math.min(end, size) - offset);
+    if (end > size) await this.truncate(end);
+  }
+
+  private async punchOrZero(offset: number, length: number): Promise<void> {
+    if (this.punchSupported) {
+      const r = this.native!.punchHole(this.handle.fd, offset, length);
+      if (r === 0) return;
+      const code = ERRNO_NAMES[-r];
+      if (code !== 'EOPNOTSUPP' && code !== 'ENOSYS') {
+        throw wrap('Could not discard in', this.name, Object.assign(new Error(code ?? `errno ${-r}`), { code }), {
+          offset,
+          length,
+        });
+      }
+      this.punchSupported = false;
+    }
+    await writeZeroBytes((b, o) => this.write(b, o), offset, length, (b, o) => this.read(b, o));
+  }
+}
