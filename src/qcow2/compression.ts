@@ -1,0 +1,224 @@
+// qcow2 compressed-cluster codecs (header field compression_type: 0 = zlib, 1 = zstd).
+//
+// Facts from QEMU's block/qcow2-threads.c:
+// - zlib: raw deflate (no zlib header), window 2^12, level Z_DEFAULT_COMPRESSION, memLevel 9.
+//   Decompression inflates with windowBits -12 and also accepts Z_BUF_ERROR as long as the
+//   output cluster got full, because the stored length is rounded up to whole 512-byte
+//   sectors: the input is the stream followed by unrelated bytes.
+// - zstd: plain frame(s), default level, no length prefix; decompression streams frames until
+//   the cluster is full (the last frame must end there) and ignores the bytes after.
+// - Writers give the compressor cluster_size - 1 bytes of room and store the cluster
+//   uncompressed when it does not fit.
+
+import zlib from 'node:zlib';
+import { FormatError } from '../errors.js';
+import { ZstdWorkerPool, defaultWorkerPath, type ZstdPoolOptions } from './zstd-pool.js';
+import { ZSTD_DEFAULT_LEVEL, loadZstdWasm, zstdCompressSync, zstdDecompressSync } from './zstd-wasm.js';
+
+export type CompressionType = 'zlib' | 'zstd';
+
+export interface ClusterCodec {
+  readonly type: CompressionType;
+  /** Decompresses `src` (may contain trailing bytes after the stream) into exactly dst.length bytes; throws FormatError (from src/errors.ts) if the stream is invalid or yields fewer bytes. */
+  decompress(src: Uint8Array, dst: Uint8Array): Promise<void>;
+  /** Compresses one cluster; returns null when the result would not fit in maxLength bytes (QEMU: cluster_size - 1). */
+  compress(src: Uint8Array, maxLength: number): Promise<Uint8Array | null>;
+}
+
+/** The qcow2 header's compression_type byte for each codec. */
+export const COMPRESSION_TYPE_CODES: Readonly<Record<CompressionType, number>> = { zlib: 0, zstd: 1 };
+
+export interface CodecOptions {
+  /**
+   * Where zstd runs. 'auto' (default): compression in worker threads when the built worker
+   * script is present, else in-thread; decompression in-thread (a worker round trip costs
+   * more than decoding one cluster; see bench/codecs.mjs). 'thread': in-thread only.
+   * 'workers': both operations in workers (falls back to in-thread when no worker script).
+   */
+  zstdWorkers?: 'auto' | 'thread' | 'workers';
+  /** Overrides for the worker pool (tests point workerPath at a freshly built worker). */
+  zstdPool?: ZstdPoolOptions;
+}
+
+// ---------------------------------------------------------------- zlib
+
+const ZLIB_WINDOW_BITS = 12;
+
+const inflateOptions: zlib.ZlibOptions = {
+  windowBits: ZLIB_WINDOW_BITS,
+  // A stream cut short after filling the cluster is what QEMU's Z_BUF_ERROR case accepts;
+  // Z_SYNC_FLUSH makes Node return what was produced instead of "unexpected end of file".
+  finishFlush: zlib.constants.Z_SYNC_FLUSH,
+};
+
+const deflateOptions: zlib.ZlibOptions = {
+  windowBits: ZLIB_WINDOW_BITS,
+  level: zlib.constants.Z_DEFAULT_COMPRESSION,
+  memLevel: 9,
+  strategy: zlib.constants.Z_DEFAULT_STRATEGY,
+};
+
+function inflateRawAsync(src: Uint8Array, options: zlib.ZlibOptions): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    zlib.inflateRaw(src, options, (err, out) => (err ? reject(err) : resolve(out)));
+  });
+}
+
+function deflateRawAsync(src: Uint8Array): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    zlib.deflateRaw(src, deflateOptions, (err, out) => (err ? reject(err) : resolve(out)));
+  });
+}
+
+/** The first `length` bytes a stream yields, for streams that go on past the cluster (QEMU accepts those). */
+function inflateRawPrefix(src: Uint8Array, length: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let total = 0;
+    const inflater = zlib.createInflateRaw(inflateOptions);
+    const done = () => {
+      inflater.removeAllListeners('data');
+      inflater.destroy();
+      resolve(Buffer.concat(chunks, total).subarray(0, length));
+    };
+    inflater.on('data', (chunk: Buffer) => {
+      chunks.push(chunk);
+      total += chunk.length;
+      if (total >= length) done();
+    });
+    inflater.on('end', done);
+    inflater.on('error', reject);
+    inflater.end(src);
+  });
+}
+
+const zlibCodec: ClusterCodec = {
+  type: 'zlib',
+  async decompress(src, dst) {
+    let out: Buffer;
+    try {
+      // maxOutputLength bounds what a hostile stream can make us allocate.
+      out = await inflateRawAsync(src, { ...inflateOptions, maxOutputLength: dst.length });
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (code === 'ERR_BUFFER_TOO_LARGE') {
+        out = await inflateRawPrefix(src, dst.length).catch((e: unknown) => {
+          throw zlibError(e, dst.length);
+        });
+      } else {
+        throw zlibError(err, dst.length);
+      }
+    }
+    if (out.length < dst.length) {
+      throw new FormatError(`Invalid zlib compressed cluster: stream yields ${out.length} of ${dst.length} bytes`, {
+        outputBytes: out.length,
+      });
+    }
+    dst.set(out.subarray(0, dst.length));
+  },
+  async compress(src, maxLength) {
+    const out = await deflateRawAsync(src);
+    return out.length <= maxLength ? out : null;
+  },
+};
+
+function zlibError(err: unknown, length: number): FormatError {
+  return new FormatError(`Invalid zlib compressed cluster: ${(err as Error).message}`, { clusterBytes: length });
+}
+
+// ---------------------------------------------------------------- zstd
+
+let sharedPool: ZstdWorkerPool | null | undefined;
+
+/** The process-wide pool on dist/zstd-worker.js; null when that file is absent. */
+function defaultPool(): ZstdWorkerPool | null {
+  if (sharedPool === undefined) {
+    const workerPath = defaultWorkerPath();
+    sharedPool = workerPath ? new ZstdWorkerPool({ workerPath }) : null;
+  }
+  return sharedPool;
+}
+
+function makeZstdCodec(options: CodecOptions): ClusterCodec {
+  const mode = options.zstdWorkers ?? 'auto';
+  let pool: ZstdWorkerPool | null = null;
+  if (mode !== 'thread') {
+    const custom = options.zstdPool;
+    if (custom?.workerPath) pool = new ZstdWorkerPool({ ...custom, workerPath: custom.workerPath });
+    else pool = defaultPool();
+  }
+  let decompressPool = mode === 'workers' ? pool : null;
+  return {
+    type: 'zstd',
+    async decompress(src, dst) {
+      if (decompressPool) {
+        try {
+          dst.set(new Uint8Array(await decompressPool.decompress(src, dst.length)));
+          return;
+        } catch (err) {
+          if (err instanceof FormatError) throw err;
+          decompressPool = null;
+        }
+      }
+      zstdDecompressSync(src, dst);
+    },
+    async compress(src, maxLength) {
+      if (pool) {
+        try {
+          const out = await pool.compress(src, maxLength, ZSTD_DEFAULT_LEVEL);
+          return out ? new Uint8Array(out) : null;
+        } catch (err) {
+          if (err instanceof FormatError) throw err;
+          pool = null; // the worker could not run: stay in-thread from now on
+        }
+      }
+      return zstdCompressSync(src, maxLength);
+    },
+  };
+}
+
+// ---------------------------------------------------------------- registry
+
+/**
+ * Codecs for one image (or one process, via getCodec). Each codec is created, and its
+ * library loaded, on first request.
+ */
+export class CodecRegistry {
+  private readonly codecs = new Map<CompressionType, Promise<ClusterCodec>>();
+
+  constructor(private readonly options: CodecOptions = {}) {}
+
+  get(type: CompressionType): Promise<ClusterCodec> {
+    let codec = this.codecs.get(type);
+    if (!codec) {
+      codec = this.create(type);
+      codec.catch(() => this.codecs.delete(type));
+      this.codecs.set(type, codec);
+    }
+    return codec;
+  }
+
+  private async create(type: CompressionType): Promise<ClusterCodec> {
+    switch (type) {
+      case 'zlib':
+        return zlibCodec;
+      case 'zstd':
+        await loadZstdWasm(); // the in-thread path is always ready as a fallback
+        return makeZstdCodec(this.options);
+      default:
+        throw new FormatError(`Unknown compression type ${String(type)}`);
+    }
+  }
+}
+
+const defaultRegistry = new CodecRegistry();
+
+/** The codec for `type` with default options (zstd compression in worker threads when built). */
+export function getCodec(type: CompressionType): Promise<ClusterCodec> {
+  return defaultRegistry.get(type);
+}
+
+/** Maps the qcow2 header's compression_type byte to a codec name, or undefined for unknown values. */
+export function compressionTypeFromCode(code: number): CompressionType | undefined {
+  return code === 0 ? 'zlib' : code === 1 ? 'zstd' : undefined;
+}
