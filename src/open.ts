@@ -1,13 +1,20 @@
 // Opening images: format probing, the backing chain through the gate, snapshots.
 
 import type { Storage, StorageGate } from './io/storage.js';
-import type { Image, ImageFormat } from './image.js';
+import { readFullZeroFill } from './io/storage.js';
+import { Image, type ImageFormat } from './image.js';
+import { FileStorage } from './io/file.js';
+import { fileGate } from './io/gate.js';
+import { Qcow2Driver } from './qcow2/qcow2.js';
+import { QCOW2_MAGIC } from './qcow2/layout.js';
+import { RawDriver } from './raw/raw.js';
+import { FormatError, UnsupportedError } from './errors.js';
 
 export interface OpenImageOptions {
   /** The format; probed (qcow2 by magic, else raw) when absent. */
   format?: ImageFormat;
   readOnly?: boolean;
-  /** Opens the files an image names (backing, data file). Default: files relative to the image, permissive. */
+  /** Opens the files an image names (backing, data file). Default: the permissive file gate. */
   gate?: StorageGate;
   /** Do not open the backing chain (reads of unallocated ranges return zeros). */
   noBacking?: boolean;
@@ -21,5 +28,82 @@ export interface OpenedImage {
   probed: boolean;
 }
 
-// Implemented in the read-engine commit: openImage(storage | filename, options).
-export type OpenImage = (target: Storage | string, options?: OpenImageOptions) => Promise<OpenedImage>;
+/** Backing chains deeper than this are taken for loops QEMU would also fail to open. */
+const MAX_CHAIN_DEPTH = 1000;
+
+const FORMATS: readonly ImageFormat[] = ['qcow2', 'raw'];
+
+/** Probes like qemu-img: qcow2 by its magic, anything else is raw. */
+export async function probeFormat(storage: Storage): Promise<ImageFormat> {
+  const head = new Uint8Array(4);
+  await readFullZeroFill(storage, head, 0);
+  const magic = new DataView(head.buffer).getUint32(0);
+  return magic === QCOW2_MAGIC ? 'qcow2' : 'raw';
+}
+
+/**
+ * Opens an image and its backing chain. `target` is a path (opened as a file) or a Storage
+ * (which the image then owns and closes).
+ */
+export async function openImage(target: Storage | string, options: OpenImageOptions = {}): Promise<OpenedImage> {
+  const readOnly = options.readOnly ?? true;
+  const storage = typeof target === 'string' ? await FileStorage.open(target, { readOnly }) : target;
+  try {
+    const probed = options.format === undefined;
+    const format = options.format ?? (await probeFormat(storage));
+    const gate = options.gate ?? fileGate;
+    const image = await openChain(storage, format, gate, options, new Set([storage.name]), 0);
+    return { image, probed };
+  } catch (e) {
+    await storage.close().catch(() => undefined);
+    throw e;
+  }
+}
+
+async function openChain(
+  storage: Storage, format: ImageFormat, gate: StorageGate, options: OpenImageOptions, seen: Set<string>, depth: number,
+): Promise<Image> {
+  if (format === 'raw') {
+    if (depth === 0 && options.snapshot) {
+      throw new UnsupportedError(`Block format 'raw' used by device '' does not support internal snapshots`);
+    }
+    return new Image(await RawDriver.open(storage), null);
+  }
+  const driver = await Qcow2Driver.open(storage, {
+    openDataFile: (name) => gate.open(name, { readOnly: true, relativeTo: storage, purpose: 'data-file' }),
+    ...(depth === 0 && options.snapshot ? { snapshot: options.snapshot } : {}),
+  });
+  const backingName = driver.header.backingFile;
+  if (backingName === undefined || backingName === '' || options.noBacking) return new Image(driver, null);
+  try {
+    const resolved = gate.resolveName ? gate.resolveName(backingName, storage) : backingName;
+    if (seen.has(resolved) || depth >= MAX_CHAIN_DEPTH) {
+      throw new FormatError(`Backing file chain loop: '${resolved}' is its own backing file`, { name: resolved });
+    }
+    seen.add(resolved);
+    const backingStorage = await gate.open(backingName, { readOnly: true, relativeTo: storage, purpose: 'backing' });
+    try {
+      let backingFormat: ImageFormat;
+      const declared = driver.header.backingFormat;
+      if (declared !== undefined && declared !== '') {
+        if (!FORMATS.includes(declared as ImageFormat)) {
+          throw new UnsupportedError(`Unknown driver '${declared}'`);
+        }
+        backingFormat = declared as ImageFormat;
+      } else {
+        backingFormat = await probeFormat(backingStorage);
+      }
+      const backing = await openChain(backingStorage, backingFormat, gate, options, seen, depth + 1);
+      return new Image(driver, backing);
+    } catch (e) {
+      await backingStorage.close().catch(() => undefined);
+      throw e;
+    }
+  } catch (e) {
+    await driver.close().catch(() => undefined);
+    throw e;
+  }
+}
+
+/** The type of openImage (for helpers that take the opener as a parameter). */
+export type OpenImage = typeof openImage;

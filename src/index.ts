@@ -1,0 +1,9 @@
+// The public API.
+
+export { Image, type BlockStatus, type FormatDriver, type ImageFormat, type ShallowMapping } from './image.js';
+export { openImage, probeFormat, type OpenImageOptions, type OpenedImage } from './open.js';
+export type { ImageInfo, SnapshotInfo, BitmapInfo, Qcow2SpecificInfo } from './info.js';
+export * from './errors.js';
+export * from './io/index.js';
+export { Qcow2Driver } from './qcow2/qcow2.js';
+export { RawDriver } from './raw/raw.js';

@@ -1,0 +1,379 @@
+// The qcow2 driver: opens an image (or one of its snapshots) and answers the shallow mapping the
+// generic layer in src/image.ts builds reads and block status on.
+
+import type { FormatDriver, ShallowMapping } from '../image.js';
+import type { ImageInfo, Qcow2SpecificInfo } from '../info.js';
+import type { Storage } from '../io/storage.js';
+import { readFullZeroFill } from '../io/storage.js';
+import { FormatError, NotFoundError, UnsupportedError } from '../errors.js';
+import { parseHeader, validateTable, type Qcow2Header } from './header.js';
+import {
+  AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+  MAX_L1_BYTES, SUBCLUSTERS_PER_CLUSTER, hex,
+} from './layout.js';
+import { SubclusterType, decodeCompressed, standardHostOffset, subclusterType, type L2Geometry } from './l2-entry.js';
+import { TableCache } from './table-cache.js';
+import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshots.js';
+import { readBitmapDirectory } from './bitmaps.js';
+import { RefcountReader } from './refcount.js';
+import { getCodec, type ClusterCodec } from './compression.js';
+
+/** Default bound on cached L2 tables: a sequential read keeps few tables hot; a 16 TiB image stays small. */
+const L2_CACHE_BYTES = 4 * 1024 * 1024;
+/** Decompressed clusters kept so that reads splitting a compressed cluster decompress it once. */
+const DECOMPRESSED_CACHE_CLUSTERS = 4;
+
+export interface Qcow2OpenOptions {
+  /** Opens the external data file (called lazily, on the first access to guest data). */
+  openDataFile?: (name: string) => Promise<Storage>;
+  /** Open this internal snapshot instead of the active L1 table. */
+  snapshot?: { id?: string; name?: string };
+}
+
+export class Qcow2Driver implements FormatDriver {
+  readonly format = 'qcow2' as const;
+  readonly storage: Storage;
+  readonly header: Qcow2Header;
+  readonly virtualSize: number;
+  readonly clusterSize: number;
+  readonly geometry: L2Geometry;
+  readonly snapshots: Qcow2Snapshot[];
+  private readonly l1: DataView;
+  private readonly l1Size: number;
+  private readonly l2Cache: TableCache;
+  private readonly subclusterSize: number;
+  private readonly openDataFileFn?: (name: string) => Promise<Storage>;
+  private dataStorage: Promise<Storage> | null = null;
+  private codec: Promise<ClusterCodec> | null = null;
+  private readonly decompressed = new Map<number, Promise<Uint8Array>>();
+  /** True when QEMU would detect metadata preallocation (block status then looks through to the host file). */
+  private metadataPreallocation: boolean | null = null;
+
+  private constructor(storage: Storage, header: Qcow2Header, l1: DataView, l1Size: number, virtualSize: number,
+    snapshots: Qcow2Snapshot[], options: Qcow2OpenOptions) {
+    this.storage = storage;
+    this.header = header;
+    this.virtualSize = virtualSize;
+    this.clusterSize = 2 ** header.clusterBits;
+    const extendedL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
+    const entryBytes = extendedL2 ? 16 : 8;
+    this.geometry = {
+      clusterBits: header.clusterBits,
+      clusterSize: this.clusterSize,
+      extendedL2,
+      entryBytes,
+      l2Entries: this.clusterSize / entryBytes,
+      hasDataFile: (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n,
+    };
+    this.subclusterSize = extendedL2 ? this.clusterSize / SUBCLUSTERS_PER_CLUSTER : this.clusterSize;
+    this.snapshots = snapshots;
+    this.l1 = l1;
+    this.l1Size = l1Size;
+    this.l2Cache = new TableCache(storage, this.clusterSize, L2_CACHE_BYTES);
+    this.openDataFileFn = options.openDataFile;
+  }
+
+  static async open(storage: Storage, options: Qcow2OpenOptions = {}): Promise<Qcow2Driver> {
+    const fileSize = await storage.size();
+    // The header and its extensions live in the first cluster; read the largest possible one and
+    // re-read if the image's cluster is larger (QEMU reads past EOF as zeros).
+    const first = new Uint8Array(Math.min(65536, Math.max(fileSize, 512)));
+    await readFullZeroFill(storage, first, 0);
+    let header = parseHeaderOrSize(first);
+    const clusterSize = 2 ** header.clusterBits;
+    if (clusterSize > first.length) {
+      const head = new Uint8Array(clusterSize);
+      await readFullZeroFill(storage, head, 0);
+      header = parseHeader(head);
+    }
+    if (header.cryptMethod !== 0) {
+      throw new UnsupportedError(`Encrypted qcow2 images are not supported (crypt_method ${header.cryptMethod})`);
+    }
+    const extendedL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
+    if (extendedL2 && clusterSize / SUBCLUSTERS_PER_CLUSTER < 512) {
+      throw new FormatError(`Unsupported subcluster size: ${clusterSize / SUBCLUSTERS_PER_CLUSTER}`);
+    }
+    const hasDataFile = (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+    if (hasDataFile && header.dataFile === undefined && !options.openDataFile) {
+      // Reading needs the file; describing the image does not. The error comes on first access.
+    }
+    if (!hasDataFile && (header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n) {
+      throw new FormatError('data-file-raw requires a data file');
+    }
+
+    const l2Entries = clusterSize / (extendedL2 ? 16 : 8);
+    const sizeToL1 = (size: number): number => Math.ceil(size / (clusterSize * l2Entries));
+    if (sizeToL1(header.size) > 0x7fffffff) throw new FormatError('Image is too big');
+    if (header.l1Size < sizeToL1(header.size)) throw new FormatError('L1 table is too small');
+
+    const snapshots = header.nbSnapshots > 0
+      ? await readSnapshotTable(storage, header.snapshotsOffset, header.nbSnapshots, header.size)
+      : [];
+
+    let l1Offset = header.l1TableOffset;
+    let l1Size = header.l1Size;
+    let virtualSize = header.size;
+    if (options.snapshot) {
+      const snap = findSnapshot(snapshots, options.snapshot);
+      if (!snap) {
+        const what = options.snapshot.name ?? options.snapshot.id ?? '';
+        throw new NotFoundError(`Can't find snapshot '${what}'`, { snapshot: options.snapshot });
+      }
+      validateTable(snap.l1TableOffset, snap.l1Size, 8, MAX_L1_BYTES, clusterSize, 'Snapshot L1 table');
+      l1Offset = snap.l1TableOffset;
+      l1Size = snap.l1Size;
+      virtualSize = snap.diskSize;
+      if (l1Size < sizeToL1(virtualSize)) throw new FormatError('Snapshot L1 table is too small');
+    }
+
+    // The L1 table is bounded by QEMU's 32 MiB limit (validated in parseHeader); entries the file
+    // does not hold read as zeros without being allocated.
+    const l1Held = Math.max(0, Math.min(l1Size * 8, fileSize - l1Offset));
+    const l1Bytes = new Uint8Array(Math.ceil(l1Held / 8) * 8);
+    await readFullZeroFill(storage, l1Bytes, l1Offset);
+    return new Qcow2Driver(storage, header, new DataView(l1Bytes.buffer), Math.min(l1Size, l1Bytes.length / 8),
+      virtualSize, snapshots, options);
+  }
+
+  get dirty(): boolean {
+    return (this.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
+  }
+
+  get corrupt(): boolean {
+    return (this.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n;
+  }
+
+  /** The storage holding guest data: the image file, or the external data file (opened on first use). */
+  private dataFile(): Promise<Storage> {
+    if (!this.geometry.hasDataFile) return Promise.resolve(this.storage);
+    if (!this.dataStorage) {
+      const name = this.header.dataFile;
+      if (name === undefined || !this.openDataFileFn) {
+        this.dataStorage = Promise.reject(new FormatError("'data-file' is required for this image"));
+      } else {
+        this.dataStorage = this.openDataFileFn(name);
+      }
+      this.dataStorage.catch(() => undefined);
+    }
+    return this.dataStorage;
+  }
+
+  async getMapping(guestOffset: number, maxLength: number): Promise<ShallowMapping> {
+    const g = this.geometry;
+    const cs = this.clusterSize;
+    const clusterIndex = Math.floor(guestOffset / cs);
+    const l1Index = Math.floor(clusterIndex / g.l2Entries);
+    const l2Index = clusterIndex - l1Index * g.l2Entries;
+    const inCluster = guestOffset - clusterIndex * cs;
+    // A run never leaves the L2 table that maps its start.
+    const limit = Math.min(maxLength, (g.l2Entries - l2Index) * cs - inCluster);
+    if (l1Index >= this.l1Size) return { kind: 'unallocated', length: limit };
+    const l2Offset = standardHostOffset(this.l1.getUint32(l1Index * 8), this.l1.getUint32(l1Index * 8 + 4));
+    if (l2Offset === 0) return { kind: 'unallocated', length: limit };
+    if (l2Offset < 0 || l2Offset % cs !== 0) {
+      throw new FormatError(`L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${hex(l1Index)})`, { l1Index, l2Offset });
+    }
+    const table = await this.l2Cache.get(l2Offset);
+    const sc = this.subclusterSize;
+    const scBits = g.extendedL2 ? SUBCLUSTERS_PER_CLUSTER : 1;
+    let scIndex = Math.floor(inCluster / sc);
+    let index = l2Index;
+    let at = index * g.entryBytes;
+    let hi = table.getUint32(at);
+    let lo = table.getUint32(at + 4);
+    let bHi = g.extendedL2 ? table.getUint32(at + 8) : 0;
+    let bLo = g.extendedL2 ? table.getUint32(at + 12) : 0;
+    const type = subclusterType(g, hi, lo, bHi, bLo, scIndex);
+    const where = { l2Offset, l2Index: index };
+
+    if (type === SubclusterType.Invalid) {
+      throw new FormatError(`Invalid cluster entry found  (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(index)})`, where);
+    }
+    if ((type === SubclusterType.ZeroPlain || type === SubclusterType.ZeroAlloc) && this.header.version < 3) {
+      throw new FormatError(`Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(index)})`, where);
+    }
+    if (type === SubclusterType.Compressed) {
+      if (g.hasDataFile) {
+        throw new FormatError(`Compressed cluster entry found in image with external data file (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(index)})`, where);
+      }
+      return { kind: 'compressed', length: Math.min(limit, cs - inCluster) };
+    }
+    const hasHost = type === SubclusterType.Normal || type === SubclusterType.ZeroAlloc || type === SubclusterType.UnallocatedAlloc;
+    let hostCluster = 0;
+    if (hasHost) {
+      hostCluster = standardHostOffset(hi, lo);
+      if (hostCluster < 0 || hostCluster % cs !== 0) {
+        throw new FormatError(`Cluster allocation offset ${hex(hostCluster)} unaligned (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(index)})`, where);
+      }
+      if (g.hasDataFile && hostCluster !== clusterIndex * cs) {
+        throw new FormatError(`External data file host cluster offset ${hex(hostCluster)} does not match guest cluster offset: ${hex(clusterIndex * cs)}, L2 index: ${hex(index)})`, where);
+      }
+    }
+    const hostOffset = hostCluster + inCluster;
+
+    // Extend the run over following subclusters/clusters of the same type (and, for types with a
+    // host offset, contiguous on the host).
+    let length = (scIndex + 1) * sc - inCluster;
+    let expectHost = hostCluster + (scIndex + 1) * sc;
+    while (length < limit) {
+      scIndex++;
+      if (scIndex === scBits) {
+        scIndex = 0;
+        index++;
+        at = index * g.entryBytes;
+        hi = table.getUint32(at);
+        lo = table.getUint32(at + 4);
+        if (g.extendedL2) {
+          bHi = table.getUint32(at + 8);
+          bLo = table.getUint32(at + 12);
+        }
+        if (hasHost && standardHostOffset(hi, lo) !== expectHost) break;
+      }
+      if (subclusterType(g, hi, lo, bHi, bLo, scIndex) !== type) break;
+      length += sc;
+      expectHost += sc;
+    }
+    length = Math.min(length, limit);
+
+    switch (type) {
+      case SubclusterType.Normal: {
+        const storage = await this.dataFile();
+        return { kind: 'data', length, storage, hostOffset, hostProbe: (await this.hasMetadataPreallocation()) ? 'recurse' : 'none' };
+      }
+      case SubclusterType.ZeroAlloc:
+        return { kind: 'zero', length, storage: await this.dataFile(), hostOffset };
+      case SubclusterType.ZeroPlain:
+        return { kind: 'zero', length };
+      case SubclusterType.UnallocatedAlloc:
+        return { kind: 'unallocated', length, storage: await this.dataFile(), hostOffset };
+      default:
+        return { kind: 'unallocated', length };
+    }
+  }
+
+  async readCompressed(guestOffset: number, buf: Uint8Array): Promise<void> {
+    const cs = this.clusterSize;
+    const clusterIndex = Math.floor(guestOffset / cs);
+    const inCluster = guestOffset - clusterIndex * cs;
+    const cluster = await this.decompressCluster(clusterIndex);
+    buf.set(cluster.subarray(inCluster, inCluster + buf.length));
+  }
+
+  private decompressCluster(clusterIndex: number): Promise<Uint8Array> {
+    const hit = this.decompressed.get(clusterIndex);
+    if (hit) return hit;
+    const work = this.doDecompress(clusterIndex);
+    this.decompressed.set(clusterIndex, work);
+    work.catch(() => this.decompressed.delete(clusterIndex));
+    while (this.decompressed.size > DECOMPRESSED_CACHE_CLUSTERS) {
+      this.decompressed.delete(this.decompressed.keys().next().value as number);
+    }
+    return work;
+  }
+
+  private async doDecompress(clusterIndex: number): Promise<Uint8Array> {
+    const g = this.geometry;
+    const l1Index = Math.floor(clusterIndex / g.l2Entries);
+    const l2Index = clusterIndex - l1Index * g.l2Entries;
+    const l2Offset = standardHostOffset(this.l1.getUint32(l1Index * 8), this.l1.getUint32(l1Index * 8 + 4));
+    const table = await this.l2Cache.get(l2Offset);
+    const hi = table.getUint32(l2Index * g.entryBytes);
+    const lo = table.getUint32(l2Index * g.entryBytes + 4);
+    const desc = decodeCompressed(g, hi, lo);
+    if (!desc) {
+      throw new FormatError(`Compressed cluster offset out of range (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`);
+    }
+    const src = new Uint8Array(desc.length);
+    await readFullZeroFill(this.storage, src, desc.hostOffset);
+    if (!this.codec) this.codec = getCodec(this.header.compressionType === 1 ? 'zstd' : 'zlib');
+    const codec = await this.codec;
+    const out = new Uint8Array(this.clusterSize);
+    await codec.decompress(src, out);
+    return out;
+  }
+
+  /**
+   * QEMU's qcow2_detect_metadata_preallocation: the image counts as metadata-preallocated when the
+   * file holds fewer bytes than its allocated clusters, i.e. clusters were allocated but never
+   * written. Then block status asks the host file which data clusters are holes.
+   */
+  private async hasMetadataPreallocation(): Promise<boolean> {
+    if (this.metadataPreallocation !== null) return this.metadataPreallocation;
+    let result = false;
+    if (this.storage.allocatedSize) {
+      const cs = this.clusterSize;
+      const realClusters = Math.floor((await this.storage.allocatedSize()) / cs);
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+      const endCluster = Math.ceil((await this.storage.size()) / cs);
+      const h = this.header;
+      const refcounts = new RefcountReader(this.storage, h.refcountTableOffset, h.refcountTableClusters, cs, h.refcountOrder);
+      let count = 0;
+      for (let i = 0; i < endCluster && count < threshold; i++) {
+        if ((await refcounts.refcount(i)) !== 0) count++;
+      }
+      result = count >= threshold;
+    }
+    this.metadataPreallocation = result;
+    return result;
+  }
+
+  async info(): Promise<ImageInfo> {
+    const h = this.header;
+    const actualSize = this.storage.allocatedSize ? await this.storage.allocatedSize() : undefined;
+    const specific: Qcow2SpecificInfo = {
+      type: 'qcow2',
+      compat: h.version === 2 ? '0.10' : '1.1',
+      compressionType: h.compressionType === 1 ? 'zstd' : 'zlib',
+      refcountBits: 2 ** h.refcountOrder,
+    };
+    if (h.version === 3) {
+      specific.lazyRefcounts = (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+      if (h.bitmaps) specific.bitmaps = await readBitmapDirectory(this.storage, h.bitmaps);
+      specific.corrupt = this.corrupt;
+      specific.extendedL2 = this.geometry.extendedL2;
+      if (h.dataFile !== undefined) specific.dataFile = h.dataFile;
+      if (this.geometry.hasDataFile) specific.dataFileRaw = (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+    }
+    return {
+      filename: this.storage.name,
+      format: 'qcow2',
+      virtualSize: this.virtualSize,
+      ...(actualSize !== undefined ? { actualSize } : {}),
+      clusterSize: this.clusterSize,
+      dirtyFlag: this.dirty,
+      encrypted: h.cryptMethod !== 0,
+      ...(h.backingFile !== undefined ? { backingFilename: h.backingFile } : {}),
+      ...(h.backingFormat !== undefined ? { backingFilenameFormat: h.backingFormat } : {}),
+      snapshots: this.snapshots.map((s) => ({
+        id: s.id, name: s.name, vmStateSize: s.vmStateSize, dateSec: s.dateSec, dateNsec: s.dateNsec,
+        vmClockNsec: s.vmClockNsec, diskSize: s.diskSize, ...(s.icount >= 0 ? { icount: s.icount } : {}),
+      })),
+      formatSpecific: specific,
+    };
+  }
+
+  async close(): Promise<void> {
+    this.l2Cache.clear();
+    this.decompressed.clear();
+    if (this.dataStorage) {
+      const ds = await this.dataStorage.catch(() => null);
+      if (ds && ds !== this.storage) await ds.close();
+    }
+    await this.storage.close();
+  }
+}
+
+/** Parses from a buffer that may be shorter than the image's cluster: only the cluster size matters then. */
+function parseHeaderOrSize(first: Uint8Array): Qcow2Header {
+  try {
+    return parseHeader(first);
+  } catch (e) {
+    // A cluster larger than the buffer may hold extensions past it: retry with the full cluster.
+    const view = new DataView(first.buffer, first.byteOffset, first.byteLength);
+    const bits = first.length >= 24 ? view.getUint32(20) : 0;
+    if (bits > 16 && bits <= 21 && 2 ** bits > first.length) {
+      return { ...({} as Qcow2Header), clusterBits: bits };
+    }
+    throw e;
+  }
+}
