@@ -49,6 +49,11 @@ export class ZstdWorkerPool {
     return this.run({ id: 0, op: 'compress', src: copy.buffer, length: maxLength, level });
   }
 
+  /** Workers currently running. */
+  get size(): number {
+    return this.slots.length;
+  }
+
   /** Stops every worker; the pool starts new ones if used again. */
   async close(): Promise<void> {
     const slots = this.slots.splice(0);
