@@ -1,0 +1,99 @@
+// FileStorage specifics: QEMU-worded open errors, create, disk size, the native switch.
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { stat, writeFile, mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { FileStorage } from '../../src/io/file.js';
+import { loadNative } from '../../src/io/native.js';
+import { IoError } from '../../src/errors.js';
+import { tempDirFixture } from './backends.js';
+
+const tmp = tempDirFixture();
+beforeAll(tmp.setup);
+afterAll(tmp.teardown);
+
+describe('FileStorage.open errors use QEMU wording', () => {
+  it('a missing file: Could not open \'<name>\': No such file or directory', async () => {
+    const name = join(tmp.dir(), 'missing.img');
+    const err = await FileStorage.open(name, { readOnly: true }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(IoError);
+    expect((err as IoError).message).toBe(`Could not open '${name}': No such file or directory`);
+    expect((err as IoError).data).toMatchObject({ path: name, errno: 'ENOENT' });
+  });
+
+  it('a directory: Is a directory', async () => {
+    const name = join(tmp.dir(), 'adir');
+    await mkdir(name);
+    await expect(FileStorage.open(name, { readOnly: true })).rejects.toThrow(`Could not open '${name}': Is a directory`);
+  });
+
+  it.skipIf(process.getuid?.() === 0)('an unreadable file: Permission denied', async () => {
+    const name = join(tmp.dir(), 'secret.img');
+    await writeFile(name, 'x', { mode: 0o000 });
+    await expect(FileStorage.open(name, { readOnly: true })).rejects.toThrow(`Could not open '${name}': Permission denied`);
+  });
+});
+
+describe('FileStorage', () => {
+  it('keeps the name as given and create truncates an existing file', async () => {
+    const name = join(tmp.dir(), 'c.img');
+    await writeFile(name, 'hello world');
+    const s = await FileStorage.open(name, { readOnly: false, create: true });
+    expect(s.name).toBe(name);
+    expect(await s.size()).toBe(0);
+    await s.close();
+    await s.close(); // idempotent
+  });
+
+  it('allocatedSize is st_blocks * 512 (qemu-img\'s disk size)', async () => {
+    const name = join(tmp.dir(), 'd.img');
+    const s = await FileStorage.open(name, { readOnly: false, create: true });
+    await s.truncate(100 << 20);
+    await s.write(new Uint8Array(8192).fill(1), 50 << 20);
+    await s.flush();
+    const st = await stat(name);
+    expect(await s.allocatedSize()).toBe(st.blocks * 512);
+    expect(await s.allocatedSize()).toBeLessThan(1 << 20);
+    await s.close();
+  });
+
+  it('offers extents/discard/writeZeroes only with the native path, and never read-only discard', async () => {
+    const name = join(tmp.dir(), 'n.img');
+    const plain = await FileStorage.open(name, { readOnly: false, create: true, native: false });
+    expect(plain.nativeEnabled).toBe(false);
+    expect(plain.extents).toBeUndefined();
+    expect(plain.discard).toBeUndefined();
+    await plain.close();
+    if (!loadNative()) return;
+    const rw = await FileStorage.open(name, { readOnly: false });
+    expect(rw.nativeEnabled).toBe(true);
+    expect(typeof rw.extents).toBe('function');
+    expect(typeof rw.discard).toBe('function');
+    await rw.close();
+    const ro = await FileStorage.open(name, { readOnly: true });
+    expect(typeof ro.extents).toBe('function');
+    expect(ro.discard).toBeUndefined();
+    await ro.close();
+  });
+});
+
+describe('native loading', () => {
+  it.runIf(process.platform === 'linux' && process.arch === 'x64')('koffi loads on x64 Linux', () => {
+    expect(loadNative()).not.toBeNull();
+  });
+
+  it('QIMG_NO_NATIVE=1 disables it', async () => {
+    const saved = process.env.QIMG_NO_NATIVE;
+    process.env.QIMG_NO_NATIVE = '1';
+    try {
+      expect(loadNative()).toBeNull();
+      const s = await FileStorage.open(join(tmp.dir(), 'e.img'), { readOnly: false, create: true });
+      expect(s.nativeEnabled).toBe(false);
+      expect(s.extents).toBeUndefined();
+      await s.close();
+    } finally {
+      if (saved === undefined) delete process.env.QIMG_NO_NATIVE;
+      else process.env.QIMG_NO_NATIVE = saved;
+    }
+  });
+});
