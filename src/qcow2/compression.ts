@@ -218,6 +218,12 @@ export function getCodec(type: CompressionType): Promise<ClusterCodec> {
   return defaultRegistry.get(type);
 }
 
+/** Diagnostics: the worker script getCodec('zstd') uses (undefined: in-thread only) and how many workers run. */
+export function zstdWorkerStatus(): { workerPath: string | undefined; workers: number } {
+  const pool = defaultPool();
+  return { workerPath: pool?.workerPath, workers: pool?.size ?? 0 };
+}
+
 /** Maps the qcow2 header's compression_type byte to a codec name, or undefined for unknown values. */
 export function compressionTypeFromCode(code: number): CompressionType | undefined {
   return code === 0 ? 'zlib' : code === 1 ? 'zstd' : undefined;
