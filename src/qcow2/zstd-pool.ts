@@ -39,13 +39,14 @@ export class ZstdWorkerPool {
   }
 
   decompress(src: Uint8Array, length: number): Promise<ArrayBuffer> {
-    // Copy: the caller's buffer stays usable, and only the stream's bytes cross over.
-    const copy = src.slice();
+    // Copy into a fresh ArrayBuffer, which is then transferred: the caller's buffer stays
+    // usable. (Not src.slice(): on a Buffer that is a view of the same, often pooled, memory.)
+    const copy = new Uint8Array(src);
     return this.run({ id: 0, op: 'decompress', src: copy.buffer, length }) as Promise<ArrayBuffer>;
   }
 
   compress(src: Uint8Array, maxLength: number, level: number): Promise<ArrayBuffer | null> {
-    const copy = src.slice();
+    const copy = new Uint8Array(src);
     return this.run({ id: 0, op: 'compress', src: copy.buffer, length: maxLength, level });
   }
 

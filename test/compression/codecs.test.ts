@@ -212,6 +212,22 @@ describe('zstd in worker threads (the built dist/zstd-worker.js)', () => {
     await expectFormatError(codec.decompress(junk(1000), new Uint8Array(CLUSTER)));
   });
 
+  it('leaves Buffer inputs that share memory with other data intact', async () => {
+    const codec = await registry.get('zstd');
+    const big = Buffer.from(makeData('text', 4 * CLUSTER, 11));
+    const parts = [0, 1, 2, 3].map((i) => big.subarray(i * CLUSTER, (i + 1) * CLUSTER));
+    const cs = await Promise.all(parts.map((p) => codec.compress(p, CLUSTER - 1)));
+    const stored = Buffer.concat(cs.map((c) => Buffer.concat([c!, Buffer.alloc(100)])));
+    let off = 0;
+    for (let i = 0; i < 4; i++) {
+      const dst = new Uint8Array(CLUSTER);
+      await codec.decompress(stored.subarray(off), dst);
+      off += cs[i]!.length + 100;
+      expect(Buffer.from(dst).equals(parts[i]!)).toBe(true);
+    }
+    expect(big.length).toBe(4 * CLUSTER);
+  });
+
   it('falls back to in-thread when the worker script cannot run', async () => {
     const codec = await new CodecRegistry({ zstdWorkers: 'workers', zstdPool: { workerPath: path.join(os.tmpdir(), 'no-such-worker.mjs') } }).get('zstd');
     const data = makeData('text');
