@@ -279,6 +279,7 @@ export class FileStorage implements Storage {
     checkOpen(this.name, this.closed);
     checkWritable(this.name, this.readOnly);
     checkRange(this.name, offset, length);
+    if (length === 0) return;
     const size = await this.size();
     const end = offset + length;
     if (Math.min(end, size) > offset) await this.punchOrZero(offset, Math.min(end, size) - offset);

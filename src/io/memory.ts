@@ -75,6 +75,8 @@ export class MemoryStorage implements Storage {
     checkOpen(this.name, this.closed);
     checkWritable(this.name, this.readOnly);
     checkRange(this.name, offset, buf.length);
+    // Like pwrite: an empty write changes nothing, not even the size.
+    if (buf.length === 0) return;
     const end = offset + buf.length;
     for (let pos = offset; pos < end; ) {
       const index = Math.floor(pos / this.chunkSize);
@@ -149,6 +151,7 @@ export class MemoryStorage implements Storage {
     checkOpen(this.name, this.closed);
     checkWritable(this.name, this.readOnly);
     checkRange(this.name, offset, length);
+    if (length === 0) return;
     this.zeroRange(offset, Math.min(offset + length, this.byteSize));
     if (offset + length > this.byteSize) this.byteSize = offset + length;
   }
