@@ -1,0 +1,287 @@
+// qimg convert: qemu-img 7.2's img_convert for raw targets.
+
+import type { Image } from '../image.js';
+import type { Storage } from '../io/storage.js';
+import { FileStorage } from '../io/file.js';
+import { NotFoundError } from '../errors.js';
+import { openImage, type OpenedImage } from '../open.js';
+import { convert } from '../convert/convert.js';
+import { getopt, type OptionSpec } from './getopt.js';
+import { CliError, cvtnum, errorText, openForCli, usageError, type CliContext } from './common.js';
+import { Progress } from './progress.js';
+
+const OPTIONS: OptionSpec[] = [
+  { key: 'help', short: 'h', long: 'help', hasArg: false },
+  { key: 'object', long: 'object', hasArg: true },
+  { key: 'image-opts', long: 'image-opts', hasArg: false },
+  { key: 'force-share', short: 'U', long: 'force-share', hasArg: false },
+  { key: 'target-image-opts', long: 'target-image-opts', hasArg: false },
+  { key: 'salvage', long: 'salvage', hasArg: false },
+  { key: 'target-is-zero', long: 'target-is-zero', hasArg: false },
+  { key: 'bitmaps', long: 'bitmaps', hasArg: false },
+  { key: 'skip-broken-bitmaps', long: 'skip-broken-bitmaps', hasArg: false },
+  { key: 'f', short: 'f', hasArg: true },
+  { key: 'O', short: 'O', hasArg: true },
+  { key: 'B', short: 'B', hasArg: true },
+  { key: 'C', short: 'C', hasArg: false },
+  { key: 'c', short: 'c', hasArg: false },
+  { key: 'F', short: 'F', hasArg: true },
+  { key: 'o', short: 'o', hasArg: true },
+  { key: 'l', short: 'l', hasArg: true },
+  { key: 'S', short: 'S', hasArg: true },
+  { key: 'p', short: 'p', hasArg: false },
+  { key: 't', short: 't', hasArg: true },
+  { key: 'T', short: 'T', hasArg: true },
+  { key: 'q', short: 'q', hasArg: false },
+  { key: 'n', short: 'n', hasArg: false },
+  { key: 'm', short: 'm', hasArg: true },
+  { key: 'W', short: 'W', hasArg: false },
+  { key: 'r', short: 'r', hasArg: true },
+];
+
+const MAX_BUF_SECTORS = 32768;
+const MAX_COROUTINES = 16;
+const CACHE_MODES = new Set(['none', 'off', 'writeback', 'unsafe', 'directsync', 'writethrough']);
+
+/** -l snapshot.id=..,snapshot.name=.. as QemuOpts parses it (",," is a literal comma). */
+function parseSnapshotOpts(arg: string): { id?: string; name?: string } {
+  const result: { id?: string; name?: string } = {};
+  const parts: string[] = [];
+  let cur = '';
+  for (let i = 0; i < arg.length; i++) {
+    if (arg[i] === ',') {
+      if (arg[i + 1] === ',') {
+        cur += ',';
+        i++;
+        continue;
+      }
+      parts.push(cur);
+      cur = '';
+    } else {
+      cur += arg[i];
+    }
+  }
+  parts.push(cur);
+  for (const part of parts) {
+    const eq = part.indexOf('=');
+    const key = eq >= 0 ? part.slice(0, eq) : part;
+    const value = eq >= 0 ? part.slice(eq + 1) : 'on';
+    if (key === 'snapshot.id') result.id = value;
+    else if (key === 'snapshot.name') result.name = value;
+    else throw new CliError([`Invalid parameter '${key}'`, `Failed in parsing snapshot param '${arg}'`]);
+  }
+  return result;
+}
+
+/** Parses -o for a raw target: only the options raw creation has, and only the values qimg implements. */
+function checkRawCreateOptions(options: string[]): void {
+  for (const group of options) {
+    for (const part of group.split(',')) {
+      if (part === '') continue;
+      const eq = part.indexOf('=');
+      const key = eq >= 0 ? part.slice(0, eq) : part;
+      const value = eq >= 0 ? part.slice(eq + 1) : '';
+      if (key === 'preallocation') {
+        if (value !== 'off') throw new CliError(`qimg does not support preallocation=${value} for raw targets`);
+      } else if (key === 'size') {
+        // Overwritten by the source's size, as in qemu-img.
+      } else if (key === 'help' || key === '?') {
+        throw new CliError('qimg does not print creation option help');
+      } else {
+        throw new CliError(`Invalid parameter '${key}'`);
+      }
+    }
+  }
+}
+
+export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () => number): Promise<number> {
+  const { options, operands } = getopt(args, OPTIONS, false, 'convert');
+  let fmt: string | undefined;
+  let outFmt: string | undefined;
+  let outBaseImg: string | undefined;
+  let copyRange = false;
+  let compressed = false;
+  const createOptions: string[] = [];
+  let snapshotOpts: { id?: string; name?: string } | undefined;
+  let snapshotName: string | undefined;
+  let minSparse = 4096;
+  let explicitMinSparse = false;
+  let progress = false;
+  let quiet = false;
+  let skipCreate = false;
+  let parallel = 8;
+  let targetIsZero = false;
+  let salvage = false;
+  let tgtImageOpts = false;
+  let bitmaps = false;
+  let skipBroken = false;
+  for (const o of options) {
+    switch (o.key) {
+      case 'help':
+        return showHelp();
+      case 'f': fmt = o.value; break;
+      case 'O': outFmt = o.value; break;
+      case 'B': outBaseImg = o.value; break;
+      case 'C': copyRange = true; break;
+      case 'c': compressed = true; break;
+      case 'F': break; // backing format: only meaningful with -B, which raw rejects
+      case 'o': createOptions.push(o.value!); break;
+      case 'l':
+        if (o.value!.startsWith('snapshot.')) snapshotOpts = parseSnapshotOpts(o.value!);
+        else snapshotName = o.value;
+        break;
+      case 'S': {
+        const v = cvtnum('buffer size for sparse output', o.value!);
+        if (v % 512 !== 0 || v / 512 > MAX_BUF_SECTORS) {
+          throw new CliError(
+            'Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to ' +
+              `${MAX_BUF_SECTORS * 512}. Select 0 to disable sparse detection (fully allocates output).`,
+          );
+        }
+        minSparse = v;
+        explicitMinSparse = true;
+        break;
+      }
+      case 'p': progress = true; break;
+      case 't':
+      case 'T':
+        break; // cache modes are checked below; qimg has one I/O path
+      case 'q': quiet = true; break;
+      case 'n': skipCreate = true; break;
+      case 'm': {
+        const v = parseCLong(o.value!);
+        if (v === undefined || v < 1 || v > MAX_COROUTINES) {
+          throw new CliError(
+            `Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_COROUTINES}`,
+          );
+        }
+        parallel = v;
+        break;
+      }
+      case 'W': break; // out-of-order writes: qimg's writes go to distinct offsets either way
+      case 'r': cvtnum('rate limit', o.value!); break; // accepted, not enforced
+      case 'object': throw new CliError('--object is not supported by qimg');
+      case 'image-opts': throw new CliError('--image-opts is not supported by qimg');
+      case 'target-image-opts': tgtImageOpts = true; break;
+      case 'salvage': salvage = true; break;
+      case 'target-is-zero': targetIsZero = true; break;
+      case 'bitmaps': bitmaps = true; break;
+      case 'skip-broken-bitmaps': skipBroken = true; break;
+    }
+  }
+  const srcCache = options.filter((o) => o.key === 'T').pop()?.value;
+  const dstCache = options.filter((o) => o.key === 't').pop()?.value;
+  if (!outFmt && !tgtImageOpts) outFmt = 'raw';
+  if (skipBroken && !bitmaps) throw new CliError('Use of --skip-broken-bitmaps requires --bitmaps');
+  if (compressed && copyRange) throw new CliError('Cannot enable copy offloading when -c is used');
+  if (explicitMinSparse && copyRange) throw new CliError('Cannot enable copy offloading when -S is used');
+  if (copyRange && salvage) throw new CliError('Cannot use copy offloading in salvaging mode');
+  if (tgtImageOpts && !skipCreate) throw new CliError('--target-image-opts requires use of -n flag');
+  if (skipCreate && createOptions.length > 0) throw new CliError('-o has no effect when skipping image creation');
+  if (targetIsZero && !skipCreate) throw new CliError('--target-is-zero requires use of -n flag');
+  if (tgtImageOpts) throw new CliError('--target-image-opts is not supported by qimg');
+  const srcNum = operands.length - 1;
+  if (srcNum < 1) throw new CliError('Must specify image file name');
+  if (srcCache !== undefined && !CACHE_MODES.has(srcCache)) {
+    throw new CliError(`Invalid source cache option: ${srcCache}`);
+  }
+  const outFilename = operands[operands.length - 1]!;
+  const sourceNames = operands.slice(0, srcNum);
+
+  if (quiet) progress = false;
+  const meter = new Progress(progress ? ctx.stdout : null);
+  meter.print(0, 100);
+
+  const images: Image[] = [];
+  let target: Storage | null = null;
+  let ok = false;
+  try {
+    for (const name of sourceNames) {
+      images.push((await openForCli(name, fmt)).image);
+    }
+    if (snapshotOpts !== undefined || snapshotName !== undefined) {
+      if (snapshotOpts === undefined && srcNum > 1) {
+        throw new CliError('No support for concatenating multiple snapshot');
+      }
+      images[0] = await loadSnapshot(images[0]!, sourceNames[0]!, fmt, snapshotOpts, snapshotName);
+    }
+    if (!skipCreate) {
+      if (outFmt === 'qcow2') throw new CliError('qimg cannot write qcow2 images yet (convert -O qcow2)');
+      if (outFmt !== 'raw') throw new CliError(`Unknown file format '${outFmt}'`);
+      checkRawCreateOptions(createOptions);
+      if (outBaseImg !== undefined) throw new CliError("Backing file not supported for file format 'raw'");
+    }
+    if (compressed) throw new CliError('Compression not supported for this file format');
+    if (bitmaps) throw new CliError('Source lacks bitmap support');
+    if (dstCache !== undefined && !CACHE_MODES.has(dstCache)) throw new CliError(`Invalid cache option: ${dstCache}`);
+
+    if (skipCreate) {
+      if (outFmt !== 'raw') throw new CliError(`qimg cannot write ${outFmt} images yet (convert -n -O ${outFmt})`);
+      try {
+        target = await FileStorage.open(outFilename, { readOnly: false });
+      } catch (e) {
+        throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
+      }
+    } else {
+      try {
+        target = await FileStorage.open(outFilename, { readOnly: false, create: true });
+      } catch (e) {
+        const why = errorText(e).replace(/^Could not open/, 'Could not create');
+        throw new CliError(`${outFilename}: error while converting raw: ${why}`);
+      }
+    }
+    await convert(images, target, {
+      minSparse,
+      parallel,
+      existing: skipCreate,
+      targetIsZero,
+      ...(progress ? { onProgress: ({ done, total }) => meter.print((100 * done) / total, 0) } : {}),
+    });
+    ok = true;
+  } finally {
+    if (ok) meter.print(100, 0);
+    meter.end();
+    if (target) await target.close().catch(() => undefined);
+    for (const image of images) await image.close().catch(() => undefined);
+  }
+  return 0;
+}
+
+/** Reopens the first source at an internal snapshot, as bdrv_snapshot_load_tmp(_by_id_or_name) does. */
+async function loadSnapshot(
+  image: Image,
+  filename: string,
+  fmt: string | undefined,
+  opts: { id?: string; name?: string } | undefined,
+  idOrName: string | undefined,
+): Promise<Image> {
+  if (image.format !== 'qcow2') {
+    throw new CliError(
+      `Failed to load snapshot: Block format '${image.format}' used by device '' does not support temporarily loading internal snapshots`,
+    );
+  }
+  const format = image.format;
+  await image.close();
+  const attempts = opts ? [opts] : [{ id: idOrName! }, { name: idOrName! }];
+  for (const snapshot of attempts) {
+    try {
+      return (await openForCliRaw(filename, fmt ?? format, snapshot)).image;
+    } catch (e) {
+      if (!(e instanceof NotFoundError)) throw new CliError(`Could not open '${filename}': ${errorText(e)}`);
+    }
+  }
+  throw new CliError("Failed to load snapshot: Can't find snapshot");
+}
+
+function openForCliRaw(filename: string, fmt: string, snapshot: { id?: string; name?: string }): Promise<OpenedImage> {
+  return openImage(filename, { readOnly: true, format: fmt === 'raw' ? 'raw' : 'qcow2', snapshot });
+}
+
+/** strtol(s, &end, 0) that must consume the whole string (qemu_strtol): decimal, 0x hex, 0 octal. */
+function parseCLong(s: string): number | undefined {
+  const m = /^\s*([+-]?)(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9]\d*))$/.exec(s);
+  if (!m) return undefined;
+  const [, sign, hex, oct, dec] = m;
+  const v = hex !== undefined ? Number.parseInt(hex, 16) : oct !== undefined ? Number.parseInt(oct, 8) : Number(dec);
+  return sign === '-' ? -v : v;
+}

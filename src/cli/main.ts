@@ -1,0 +1,145 @@
+// qimg: qemu-img's command line over the qimg library. `node dist/cli.js <command> [options]`.
+
+import { realpathSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { getopt, type OptionSpec } from './getopt.js';
+import { CliError, PROGRAM, reportError, usageError, type CliContext, type CliOutput } from './common.js';
+import { cmdInfo } from './info.js';
+import { cmdMap } from './map.js';
+import { cmdConvert } from './convert.js';
+
+const VERSION = '0.1.0';
+
+const HELP = `${PROGRAM} version ${VERSION} (qemu-img 7.2 compatible)
+usage: ${PROGRAM} [standard options] command [command options]
+Disk image utility (qcow2 and raw), speaking qemu-img's command line
+
+    '-h', '--help'       display this help and exit
+    '-V', '--version'    output version information and exit
+
+Command syntax:
+  convert [-U] [-f fmt] [-O output_fmt] [-l snapshot_param] [-S sparse_size] [-m num] [-n] [-p | -q] filename [filename2 [...]] output_filename
+  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+  map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename
+
+Supported formats: qcow2 raw (convert writes raw)
+`;
+
+type Command = (args: string[], ctx: CliContext, showHelp: () => number) => Promise<number>;
+
+const COMMANDS: Record<string, Command> = {
+  convert: cmdConvert,
+  info: cmdInfo,
+  map: cmdMap,
+};
+
+const MAIN_OPTIONS: OptionSpec[] = [
+  { key: 'help', short: 'h', long: 'help', hasArg: false },
+  { key: 'version', short: 'V', long: 'version', hasArg: false },
+  { key: 'trace', short: 'T', long: 'trace', hasArg: true },
+];
+
+/** Runs one qimg command line (argv without the node and script names); resolves with the exit status. */
+export async function main(argv: readonly string[], ctx: CliContext): Promise<number> {
+  try {
+    if (argv.length < 1) throw usageError('Not enough arguments');
+    const { options, operands } = getopt(argv, MAIN_OPTIONS, true);
+    for (const o of options) {
+      if (o.key === 'help') {
+        ctx.stdout.write(HELP);
+        return 0;
+      }
+      if (o.key === 'version') {
+        ctx.stdout.write(`${PROGRAM} version ${VERSION} (qemu-img 7.2 compatible)\n`);
+        return 0;
+      }
+    }
+    if (operands.length < 1) return 0;
+    const [name, ...rest] = operands as [string, ...string[]];
+    const command = COMMANDS[name];
+    if (!command) throw usageError(`Command not found: ${name}`);
+    return await command(rest, ctx, () => {
+      ctx.stdout.write(HELP);
+      return 0;
+    });
+  } catch (e) {
+    return reportError(ctx, e);
+  }
+}
+
+/** A stdout/stderr writer that batches small writes (qemu-img's stdio buffering) into large ones. */
+class BufferedOutput implements CliOutput {
+  private chunks: string[] = [];
+  private size = 0;
+  constructor(private readonly fd: NodeJS.WriteStream) {}
+  write(text: string): void {
+    this.chunks.push(text);
+    this.size += text.length;
+    if (this.size >= 1 << 16) this.flush();
+  }
+  flush(): void {
+    if (this.chunks.length === 0) return;
+    const text = this.chunks.join('');
+    this.chunks = [];
+    this.size = 0;
+    this.fd.write(text);
+  }
+}
+
+function isEntryPoint(): boolean {
+  const script = process.argv[1];
+  if (!script) return false;
+  try {
+    return realpathSync(script) === realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return false;
+  }
+}
+
+async function run(): Promise<void> {
+  const stdout = new BufferedOutput(process.stdout);
+  const stderr = new BufferedOutput(process.stderr);
+  // A closed pipe on stdout (qimg map | head) ends quietly, as qemu-img ignores SIGPIPE and exits.
+  process.stdout.on('error', () => process.exit(process.exitCode ?? 0));
+  let code: number;
+  try {
+    // stdout is batched; an error message first pushes out what stdout holds, keeping their order.
+    const ctx: CliContext = {
+      stdout,
+      stderr: {
+        write: (t) => {
+          stdout.flush();
+          stderr.write(t);
+          stderr.flush();
+        },
+      },
+    };
+    code = await main(process.argv.slice(2), ctx);
+  } catch (e) {
+    // main catches everything; this is the last line of defence against a stack trace.
+    stderr.write(`${PROGRAM}: ${e instanceof Error ? e.message : String(e)}\n`);
+    code = 1;
+  }
+  stdout.flush();
+  stderr.flush();
+  // Wait for the streams to drain, then exit even if worker threads (zstd) are still alive.
+  await Promise.all([
+    new Promise<void>((resolve) => process.stdout.write('', () => resolve())),
+    new Promise<void>((resolve) => process.stderr.write('', () => resolve())),
+  ]);
+  process.exit(code);
+}
+
+if (isEntryPoint()) {
+  process.on('uncaughtException', (e) => {
+    process.stderr.write(`${PROGRAM}: ${e instanceof Error ? e.message : String(e)}\n`);
+    process.exit(1);
+  });
+  process.on('unhandledRejection', (e) => {
+    process.stderr.write(`${PROGRAM}: ${e instanceof Error ? e.message : String(e)}\n`);
+    process.exit(1);
+  });
+  void run();
+}
+
+export { CliError };
