@@ -23,13 +23,17 @@ export interface ToolResult {
 }
 
 /** Runs a program; resolves with its exit code and output (never rejects on a non-zero exit). */
-export function run(cmd: string, args: string[], options: { cwd?: string } = {}): Promise<ToolResult> {
+export function run(cmd: string, args: string[], options: { cwd?: string; timeoutMs?: number } = {}): Promise<ToolResult> {
   return new Promise((resolve, reject) => {
     execFile(
       cmd,
       args,
-      { cwd: options.cwd, maxBuffer: 64 * MiB, encoding: 'utf8', env: { ...process.env, LC_ALL: 'C' } },
+      { cwd: options.cwd, maxBuffer: 64 * MiB, encoding: 'utf8', env: { ...process.env, LC_ALL: 'C' }, timeout: options.timeoutMs ?? 0, killSignal: 'SIGKILL' },
       (err, stdout, stderr) => {
+        if (err && (err as { killed?: boolean }).killed) {
+          resolve({ code: 124, stdout, stderr: `${stderr}(timed out after ${options.timeoutMs} ms)` });
+          return;
+        }
         if (err && typeof (err as NodeJS.ErrnoException).code === 'string') {
           reject(err); // ENOENT etc.: the tool is missing
           return;
