@@ -166,6 +166,33 @@ const cases: ImageCase[] = [
     },
   },
   {
+    file: 'dirty.qcow2',
+    make: async () => {
+      await qcow2('dirty.qcow2', '8M', ['lazy_refcounts=on'], ['write -P 0x11 0 64k']);
+      setHeaderBit('dirty.qcow2', 72, 0); // incompatible bit 0: dirty
+    },
+  },
+  {
+    file: 'corrupt.qcow2',
+    make: async () => {
+      await qcow2('corrupt.qcow2', '8M', [], ['write -P 0x11 0 64k']);
+      setHeaderBit('corrupt.qcow2', 72, 1); // incompatible bit 1: corrupt
+    },
+  },
+  {
+    file: 'named snapshots ü "q".qcow2',
+    snapshots: ['ünïcode-näme-longer-than-sixteen', 'snapshot.id=2'],
+    make: async () => {
+      const f = 'named snapshots ü "q".qcow2';
+      await qcow2(f, '8M', [], ['write -P 0x11 0 64k']);
+      await qemuImgOk(['snapshot', '-c', 'ünïcode-näme-longer-than-sixteen', f], dir);
+      await qemuIoOk(f, 'qcow2', ['write -P 0x22 64k 64k'], dir);
+      await qemuImgOk(['snapshot', '-c', 'x\ttab\\slash', f], dir);
+      await qemuIoOk(f, 'qcow2', ['write -P 0x33 1M 64k'], dir);
+      await qemuImgOk(['snapshot', '-c', 'twelve-chars', f], dir);
+    },
+  },
+  {
     file: 'missing-backing.qcow2',
     make: async () => {
       await qemuImgOk(['create', '-q', '-f', 'qcow2', '-u', '-b', 'does-not-exist.qcow2', '-F', 'qcow2', 'missing-backing.qcow2', '8M'], dir);
@@ -173,6 +200,14 @@ const cases: ImageCase[] = [
     noConvert: true,
   },
 ];
+
+/** Sets one bit of a big-endian u64 header field (offset in bytes) of an image in `dir`. */
+function setHeaderBit(file: string, fieldOffset: number, bit: number): void {
+  const path = join(dir, file);
+  const head = readFileSync(path);
+  head[fieldOffset + 7 - (bit >> 3)] |= 1 << (bit & 7);
+  writeFileSync(path, head);
+}
 
 /** cmp(1) of two files in `dir`: '' when identical, else cmp's report. */
 function cmpFiles(a: string, b: string): Promise<string> {
@@ -232,6 +267,20 @@ describe.each(cases)('$file', (c) => {
     rmSync(join(dir, ref));
     rmSync(join(dir, out));
   });
+});
+
+describe('getopt syntax as qemu-img accepts it', () => {
+  it.each([
+    [['info', '-fqcow2', 'default.qcow2']],
+    [['info', 'default.qcow2', '--output', 'json']],
+    [['info', '--outp=json', '-U', 'default.qcow2']],
+    [['info', '-U', '--force-share', '--format=qcow2', '--', 'default.qcow2']],
+    [['map', '-Uf', 'qcow2', 'default.qcow2', '--output=json']],
+    [['map', '--start-offset', '1.5M', '--max-length=0x100000', 'default.qcow2']],
+    [['map', '-s', '2k', 'sparse.raw']],
+    [['info', '--backing-chain', '--output=human', 'chain3.qcow2']],
+    [['info', '-xU', 'default.qcow2']],
+  ])('%j', async (args) => expectSame(await both(args, dir)));
 });
 
 describe('convert -p progress', () => {
