@@ -362,3 +362,45 @@ export async function expectSameBytesSampled(image: Image, file: string, options
     }
   }
 }
+
+/** A run of block status in the terms qemu-img map --output=json prints (host offsets ignored). */
+export interface StatusRun {
+  start: number;
+  length: number;
+  data: boolean;
+  zero: boolean;
+  present: boolean;
+  depth: number;
+}
+
+function mergeRuns(runs: StatusRun[]): StatusRun[] {
+  const out: StatusRun[] = [];
+  for (const r of runs) {
+    const last = out[out.length - 1];
+    if (last && last.start + last.length === r.start && last.data === r.data && last.zero === r.zero && last.present === r.present && last.depth === r.depth) {
+      last.length += r.length;
+    } else out.push({ ...r });
+  }
+  return out;
+}
+
+/**
+ * qimg's block status against `qemu-img map --output=json` on the same file at the same moment:
+ * data/zero/present/depth per byte range (runs merged; host offsets not compared).
+ */
+export async function expectSameMap(image: Image, file: string, format: 'qcow2' | 'raw', label = file): Promise<void> {
+  const ours: StatusRun[] = [];
+  for await (const st of image.blockStatus()) {
+    ours.push({ start: st.offset, length: st.length, data: st.data, zero: st.zero, present: st.present, depth: st.depth });
+  }
+  const theirs = (await qemuMap(file, format)).map((e) => ({ start: e.start, length: e.length, data: e.data, zero: e.zero, present: e.present, depth: e.depth }));
+  const a = mergeRuns(ours);
+  const b = mergeRuns(theirs);
+  for (let i = 0; i < Math.max(a.length, b.length); i++) {
+    const x = a[i];
+    const y = b[i];
+    if (!x || !y || x.start !== y.start || x.length !== y.length || x.data !== y.data || x.zero !== y.zero || x.present !== y.present || x.depth !== y.depth) {
+      throw new Error(`${label}: block status run ${i} differs from qemu-img map:\n  qemu-img: ${JSON.stringify(y)}\n  qimg:     ${JSON.stringify(x)}`);
+    }
+  }
+}

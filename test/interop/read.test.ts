@@ -13,6 +13,7 @@ import {
   TiB,
   expectSameBytes,
   expectSameBytesSampled,
+  expectSameMap,
   open,
   qemuImg,
   qemuInfo,
@@ -56,9 +57,12 @@ async function create(file: string, size: number | string, opts: string[] = [], 
 }
 
 async function check(file: string, format: Format, openOptions: OpenImageOptions = {}, reference?: Uint8Array): Promise<void> {
-  await withImage(file, { format, ...openOptions }, (image) =>
-    expectSameBytes(image, file, { format, reference, label: file.slice(dir.length + 1) }),
-  );
+  const label = file.slice(dir.length + 1);
+  await withImage(file, { format, ...openOptions }, async (image) => {
+    await expectSameBytes(image, file, { format, reference, label });
+    // The allocation map too, as qemu-img map reports it (not for a snapshot or a cut-off chain).
+    if (!reference && !openOptions.snapshot && !openOptions.noBacking) await expectSameMap(image, file, format, label);
+  });
 }
 
 /**
