@@ -10,7 +10,7 @@ import type { Image, ImageFormat } from './image.js';
 import { QimgError, UnsupportedError, UsageError } from './errors.js';
 import type { Qcow2Header } from './qcow2/header.js';
 import {
-  LayoutPlanner, createdHeader, planQcow2, writeLayout, type BackingReader, type Qcow2Plan, type Qcow2Preallocation,
+  LayoutPlanner, createdHeader, planQcow2, writeLayout, type Qcow2Plan, type Qcow2Preallocation,
 } from './qcow2/create.js';
 import { createRaw, validateRawPreallocation } from './raw/create.js';
 
@@ -249,7 +249,7 @@ export async function createImage(target: string | Storage, options: CreateImage
     }
     const layout = planner.layout();
     const header = createdHeader(plan, layout, planner.reftableClusters);
-    return await writeQcow2(target, filename, gate, plan, layout, header, backing, { size, formatting });
+    return await writeQcow2(target, filename, gate, plan, layout, header, { size, formatting });
   } finally {
     await backing?.close().catch(() => undefined);
   }
@@ -262,7 +262,7 @@ function checkFormat(name: string): ImageFormat {
 
 async function writeQcow2(
   target: string | Storage, filename: string, gate: StorageGate, plan: Qcow2Plan,
-  layout: ReturnType<LayoutPlanner['layout']>, header: Qcow2Header, backing: Image | undefined,
+  layout: ReturnType<LayoutPlanner['layout']>, header: Qcow2Header,
   facts: { size: number; formatting: string },
 ): Promise<CreateImageResult> {
   const storage = typeof target === 'string' ? await FileStorage.open(target, { readOnly: false, create: true }) : target;
@@ -274,14 +274,7 @@ async function writeQcow2(
       data = await gate.open(plan.dataFile, { readOnly: false, create: true, purpose: 'data-file' });
       await data.truncate(0);
     }
-    const reader: BackingReader | undefined = backing
-      ? async (buf, guestOffset) => {
-          const n = Math.max(0, Math.min(buf.length, backing.virtualSize - guestOffset));
-          buf.fill(0);
-          if (n > 0) buf.set(await backing.read(guestOffset, n));
-        }
-      : undefined;
-    const fallocMethod = await writeLayout(layout, header, { image: storage, ...(data ? { data } : {}), ...(reader ? { backing: reader } : {}) });
+    const fallocMethod = await writeLayout(layout, header, { image: storage, ...(data ? { data } : {}) });
     if (data) await data.flush();
     await storage.flush();
     return {

@@ -40,9 +40,6 @@ export interface Qcow2CreateOptions {
   dataFileRaw?: boolean;
 }
 
-/** Reads guest bytes of the backing image for copy-on-write of partial clusters (zeros when absent). */
-export type BackingReader = (buf: Uint8Array, guestOffset: number) => Promise<void>;
-
 /** An optional storage capability: reserve space without writing (fallocate mode 0). */
 export interface AllocatingStorage extends Storage {
   allocate?(offset: number, length: number): Promise<void>;
@@ -260,7 +257,7 @@ type Result = 'ok' | typeof AGAIN;
 type Region =
   | { kind: 'stale-reftable'; offset: number; entries: number[]; bytes: number }
   | { kind: 'zeros'; target: 'image' | 'data'; offset: number; length: number }
-  | { kind: 'cow'; target: 'image' | 'data'; offset: number; length: number; guestOffset: number }
+  | { kind: 'cow'; target: 'image' | 'data'; offset: number; length: number }
   | { kind: 'falloc'; target: 'image' | 'data'; offset: number; length: number };
 
 interface DataRun {
@@ -596,15 +593,14 @@ export class LayoutPlanner {
       const cowFrom = inCluster + cur;
       const cowTo = Math.ceil(cowFrom / this.subclusterSize) * this.subclusterSize;
       metas.push({ guest: guestCluster, alloc, clusters: Math.ceil(cowFrom / cs), cowFrom, cowTo });
-      if (!this.hasDataFile) this.grow('image', (alloc + nb) * cs);
     }
     const target = this.hasDataFile ? 'data' : 'image';
     for (const m of metas) {
-      // perform_cow: the tail of the last cluster up to the (sub)cluster end is copied from the
-      // backing file (or zeros) before the L2 entries are linked.
+      // perform_cow: the tail of the last cluster, from the end of the disk to the (sub)cluster
+      // end, is copied before the L2 entries are linked; it lies past the disk, so it reads as zeros.
       if (m.cowTo > m.cowFrom) {
         const at = m.alloc * cs + m.cowFrom;
-        this.regions.push({ kind: 'cow', target, offset: at, length: m.cowTo - m.cowFrom, guestOffset: m.guest * cs + m.cowFrom });
+        this.regions.push({ kind: 'cow', target, offset: at, length: m.cowTo - m.cowFrom });
         this.grow(target, at + m.cowTo - m.cowFrom);
       }
       this.dataRuns.push({ guestCluster: m.guest, hostOffset: m.alloc * cs, clusters: m.clusters });
@@ -755,7 +751,6 @@ function tableBytes(entries: number[], bytes: number): Uint8Array {
 export interface WriteTargets {
   image: AllocatingStorage;
   data?: AllocatingStorage;
-  backing?: BackingReader;
 }
 
 const COPIED_HI = 0x80000000;
@@ -798,9 +793,8 @@ export async function writeLayout(layout: Qcow2Layout, header: Qcow2Header, targ
         fallocMethod = 'zeros';
       }
     } else if (r.kind === 'cow') {
-      const buf = new Uint8Array(r.length);
-      if (targets.backing) await targets.backing(buf, r.guestOffset);
-      await storageOf(r.target).write(buf, r.offset);
+      // The tail past the virtual size: QEMU's copy-on-write reads it as zeros (also with a backing file).
+      await writeZeros(storageOf(r.target), r.offset, r.length);
     }
   }
   // 3. Live metadata: refcount blocks, refcount table, L2 tables, L1 table.
