@@ -283,6 +283,46 @@ describe('getopt syntax as qemu-img accepts it', () => {
   ])('%j', async (args) => expectSame(await both(args, dir)));
 });
 
+describe('convert options', () => {
+  const variants: [string, string[], string[]][] = [
+    ['-S 0 (fully allocated)', ['-S', '0'], ['mixed.raw']],
+    ['-S 64k', ['-S', '64k'], ['mixed.raw']],
+    ['-m 1 -W', ['-m', '1', '-W'], ['default.qcow2']],
+    ['-q -U -f qcow2', ['-q', '-U', '-f', 'qcow2'], ['chain3.qcow2']],
+    ['two sources concatenated', [], ['odd.raw', 'default.qcow2']],
+    ['three sources concatenated', [], ['c512.qcow2', 'mixed.raw', 'overlay.qcow2']],
+  ];
+  it.each(variants)('%s', async (_name, opts, sources) => {
+    await qemuImgOk(['convert', ...opts, '-O', 'raw', ...sources, 'opt-ref.raw'], dir);
+    const r = await qimg(['convert', ...opts, '-O', 'raw', ...sources, 'opt-out.raw'], dir);
+    expect(r.stderr).toBe('');
+    expect(r.stdout).toBe('');
+    expect(r.code).toBe(0);
+    expect(await cmpFiles('opt-ref.raw', 'opt-out.raw')).toBe('');
+    if (opts.includes('0')) {
+      expect(statSync(join(dir, 'opt-out.raw')).blocks * 512).toBeGreaterThanOrEqual(statSync(join(dir, 'opt-out.raw')).size);
+    }
+  });
+
+  it.each([[['-n']], [['-n', '--target-is-zero']]])('%j onto an existing target', async (opts) => {
+    for (const out of ['n-ref.raw', 'n-out.raw']) {
+      // A target larger than the source, holding garbage: -n keeps what lies past the source.
+      const junk = opts.includes('--target-is-zero') ? Buffer.alloc(70 * MiB) : Buffer.alloc(70 * MiB, 0x5a);
+      writeFileSync(join(dir, out), junk);
+    }
+    await qemuImgOk(['convert', ...opts, '-O', 'raw', 'default.qcow2', 'n-ref.raw'], dir);
+    const r = await qimg(['convert', ...opts, '-O', 'raw', 'default.qcow2', 'n-out.raw'], dir);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    expect(await cmpFiles('n-ref.raw', 'n-out.raw')).toBe('');
+  });
+
+  it('-n onto a smaller target fails as qemu-img does', async () => {
+    writeFileSync(join(dir, 'small.raw'), Buffer.alloc(4096));
+    expectSame(await both(['convert', '-n', '-O', 'raw', 'default.qcow2', 'small.raw'], dir));
+  });
+});
+
 describe('convert -p progress', () => {
   it.each(['sparse.raw', 'dense.raw', 'default.qcow2', 'c512.qcow2', 'chain3.qcow2'])('%s', async (file) => {
     const q = await qemuImg(['convert', '-p', '-O', 'raw', file, 'progress-ref.raw'], dir);
