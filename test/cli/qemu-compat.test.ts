@@ -34,6 +34,7 @@ const qcow2 = async (file: string, size: string, opts: string[] = [], writes: st
 
 const DATA_WRITES = ['write -P 0xaa 0 64k', 'write -P 0x55 1M 192k', 'write -z 4M 128k', 'write -P 0x11 9M 4k'];
 
+
 const cases: ImageCase[] = [
   {
     file: 'sparse.raw',
@@ -62,12 +63,30 @@ const cases: ImageCase[] = [
   { file: 'v2.qcow2', make: () => qcow2('v2.qcow2', '64M', ['compat=0.10'], DATA_WRITES) },
   { file: 'c512.qcow2', make: () => qcow2('c512.qcow2', '16M', ['cluster_size=512'], DATA_WRITES) },
   { file: 'c2m.qcow2', make: () => qcow2('c2m.qcow2', '64M', ['cluster_size=2M'], DATA_WRITES) },
+  {
+    file: 'discarded.qcow2',
+    make: () => qcow2('discarded.qcow2', '64M', [], [...DATA_WRITES, 'discard 1M 64k', 'write -z -u 9M 64k']),
+  },
+  {
+    file: 'extl2-backing.qcow2',
+    chain: true,
+    make: async () => {
+      await qcow2('extl2-base.qcow2', '8M', [], ['write -P 0x10 0 1M']);
+      await qcow2('extl2-backing.qcow2', '8M', ['extended_l2=on', 'backing_file=extl2-base.qcow2', 'backing_fmt=qcow2'], [
+        'write -P 0x20 4k 4k', 'write -z 64k 2k', 'write -P 0x30 128k 64k', 'discard 128k 4k',
+      ]);
+    },
+  },
   { file: 'lazy.qcow2', make: () => qcow2('lazy.qcow2', '64M', ['lazy_refcounts=on'], DATA_WRITES) },
   { file: 'refbits1.qcow2', make: () => qcow2('refbits1.qcow2', '8M', ['refcount_bits=1'], DATA_WRITES.slice(0, 2)) },
   {
     file: 'extl2.qcow2',
     make: () =>
-      qcow2('extl2.qcow2', '64M', ['extended_l2=on'], ['write -P 0xaa 0 4k', 'write -P 0xbb 12k 8k', 'write -z 64k 64k', 'write -P 1 1M 2k']),
+      qcow2('extl2.qcow2', '64M', ['extended_l2=on'], [
+        'write -P 0xaa 0 4k', 'write -P 0xbb 12k 8k', 'write -z 64k 64k', 'write -P 1 1M 2k',
+        // Subclusters discarded inside an allocated cluster: QEMU's UNALLOCATED_ALLOC.
+        'write -P 2 2M 64k', 'discard 2M 8k', 'write -z 2129920 4k',
+      ]),
   },
   {
     file: 'zstd.qcow2',
