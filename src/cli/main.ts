@@ -2,13 +2,14 @@
 
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import packageJson from '../../package.json';
 import { getopt, type OptionSpec } from './getopt.js';
 import { CliError, PROGRAM, reportError, usageError, type CliContext, type CliOutput } from './common.js';
 import { cmdInfo } from './info.js';
 import { cmdMap } from './map.js';
 import { cmdConvert } from './convert.js';
 
-const VERSION = '0.1.0';
+const VERSION: string = packageJson.version;
 
 const HELP = `${PROGRAM} version ${VERSION} (qemu-img 7.2 compatible)
 usage: ${PROGRAM} [standard options] command [command options]
