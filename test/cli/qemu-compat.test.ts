@@ -1,7 +1,7 @@
 // qimg info / map / convert against qemu-img 7.2 on the same files: stdout byte for byte, errors
 // with our program name, convert output compared with cmp.
 
-import { mkdtempSync, rmSync, mkdirSync, readFileSync, writeFileSync, statSync } from 'node:fs';
+import { mkdtempSync, rmSync, mkdirSync, readFileSync, writeFileSync, statSync, truncateSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { tmpdir } from 'node:os';
@@ -75,6 +75,15 @@ const cases: ImageCase[] = [
       await qcow2('extl2-backing.qcow2', '8M', ['extended_l2=on', 'backing_file=extl2-base.qcow2', 'backing_fmt=qcow2'], [
         'write -P 0x20 4k 4k', 'write -z 64k 2k', 'write -P 0x30 128k 64k', 'discard 128k 4k',
       ]);
+    },
+  },
+  {
+    file: 'truncated.qcow2',
+    make: async () => {
+      // The last data cluster runs past the end of the file: that part reads as zeros.
+      await qcow2('truncated.qcow2', '8M', [], ['write -P 1 0 64k', 'write -P 2 1M 64k']);
+      const path = join(dir, 'truncated.qcow2');
+      truncateSync(path, statSync(path).size - 32768);
     },
   },
   { file: 'lazy.qcow2', make: () => qcow2('lazy.qcow2', '64M', ['lazy_refcounts=on'], DATA_WRITES) },
