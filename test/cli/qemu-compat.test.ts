@@ -361,8 +361,10 @@ describe('convert -p progress', () => {
 });
 
 describe('errors as qemu-img reports them (qimg: prefix, same exit status)', () => {
-  beforeAll(() => {
+  beforeAll(async () => {
     writeFileSync(join(dir, 'garbage.bin'), randomBytes(65536));
+    await qcow2('lost-data-file.qcow2', '8M', ['data_file=lost-data-file.data'], ['write -P 1 0 64k']);
+    rmSync(join(dir, 'lost-data-file.data'));
   });
   const errorCases: [string, string[]][] = [
     ['missing file (info)', ['info', 'no-such-file.qcow2']],
@@ -394,6 +396,10 @@ describe('errors as qemu-img reports them (qimg: prefix, same exit status)', () 
     ['convert into a missing directory', ['convert', '-O', 'raw', 'garbage.bin', 'no/such/dir/x.raw']],
     ['backing chain with a missing backing file', ['info', '--backing-chain', 'missing-backing.qcow2']],
     ['map with a missing backing file', ['map', 'missing-backing.qcow2']],
+    // info does not open the data file (QEMU opens with BDRV_O_NO_IO); map and convert must.
+    ['info with a missing data file', ['info', 'lost-data-file.qcow2']],
+    ['map with a missing data file', ['map', 'lost-data-file.qcow2']],
+    ['convert with a missing data file', ['convert', '-O', 'raw', 'lost-data-file.qcow2', 'x.raw']],
   ];
   it.each(errorCases)('%s', async (_name, args) => {
     const r = await both(args, dir);
