@@ -24,13 +24,16 @@ export class CliError extends Error {
   readonly hint: boolean;
   /** Messages printed before the main one, each with its own program-name prefix. */
   readonly lines: string[];
-  constructor(message: string | string[], options: { exitCode?: number; hint?: boolean } = {}) {
+  /** A line printed after the message without the program-name prefix (error_printf). */
+  readonly trailer?: string;
+  constructor(message: string | string[], options: { exitCode?: number; hint?: boolean; trailer?: string } = {}) {
     const lines = Array.isArray(message) ? message : [message];
     super(lines[lines.length - 1]);
     this.name = 'CliError';
     this.lines = lines;
     this.exitCode = options.exitCode ?? 1;
     this.hint = options.hint ?? false;
+    if (options.trailer !== undefined) this.trailer = options.trailer;
   }
 }
 
@@ -44,6 +47,7 @@ export function reportError(ctx: CliContext, err: unknown): number {
   if (err instanceof GetoptError) err = usageError(err.message);
   if (err instanceof CliError) {
     for (const line of err.lines) ctx.stderr.write(`${PROGRAM}: ${line}\n`);
+    if (err.trailer !== undefined) ctx.stderr.write(`${err.trailer}\n`);
     if (err.hint) ctx.stderr.write(`Try '${PROGRAM} --help' for more information\n`);
     return err.exitCode;
   }

@@ -1,5 +1,6 @@
 // qimg convert: qemu-img 7.2's img_convert for raw targets.
 
+import { stat } from 'node:fs/promises';
 import type { Image } from '../image.js';
 import type { Storage } from '../io/storage.js';
 import { FileStorage } from '../io/file.js';
@@ -223,6 +224,13 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
       }
     } else {
+      // Creating the target truncates it: never when it is one of the files being read (QEMU's
+      // image locking refuses this the same way).
+      if (await isInUse(outFilename, images)) {
+        throw new CliError([
+          `${outFilename}: error while converting raw: Failed to get "write" lock`,
+        ], { trailer: `Is another process using the image [${outFilename}]?` });
+      }
       try {
         target = await FileStorage.open(outFilename, { readOnly: false, create: true });
       } catch (e) {
@@ -245,6 +253,19 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
     for (const image of images) await image.close().catch(() => undefined);
   }
   return 0;
+}
+
+/** True when `path` is the same file as one any source image (or its backing chain) reads. */
+async function isInUse(path: string, images: Image[]): Promise<boolean> {
+  const target = await stat(path).catch(() => null);
+  if (!target) return false;
+  for (const image of images) {
+    for (let layer: Image | null = image; layer; layer = layer.backing) {
+      const st = await stat(layer.storage.name).catch(() => null);
+      if (st && st.dev === target.dev && st.ino === target.ino) return true;
+    }
+  }
+  return false;
 }
 
 /** Reopens the first source at an internal snapshot, as bdrv_snapshot_load_tmp(_by_id_or_name) does. */

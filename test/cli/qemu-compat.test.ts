@@ -394,6 +394,8 @@ describe('errors as qemu-img reports them (qimg: prefix, same exit status)', () 
     ['convert bad snapshot param', ['convert', '-l', 'snapshot.foo=1', '-O', 'raw', 'snap.qcow2', 'x.raw']],
     ['convert snapshot of raw', ['convert', '-l', 'x', '-O', 'raw', 'garbage.bin', 'x.raw']],
     ['convert into a missing directory', ['convert', '-O', 'raw', 'garbage.bin', 'no/such/dir/x.raw']],
+    ['convert onto its own source', ['convert', '-O', 'raw', 'garbage.bin', 'garbage.bin']],
+    ['convert onto the source\'s backing file', ['convert', '-O', 'raw', 'overlay.qcow2', 'base.qcow2']],
     ['backing chain with a missing backing file', ['info', '--backing-chain', 'missing-backing.qcow2']],
     ['map with a missing backing file', ['map', 'missing-backing.qcow2']],
     // info does not open the data file (QEMU opens with BDRV_O_NO_IO); map and convert must.
