@@ -8,7 +8,7 @@ import { fileGate } from './io/gate.js';
 import { Qcow2Driver } from './qcow2/qcow2.js';
 import { QCOW2_MAGIC } from './qcow2/layout.js';
 import { RawDriver } from './raw/raw.js';
-import { FormatError, UnsupportedError } from './errors.js';
+import { FormatError, QimgError, UnsupportedError } from './errors.js';
 
 export interface OpenImageOptions {
   /** The format; probed (qcow2 by magic, else raw) when absent. */
@@ -20,6 +20,11 @@ export interface OpenImageOptions {
   noBacking?: boolean;
   /** Open an internal snapshot (read-only) instead of the active image. */
   snapshot?: { id?: string; name?: string };
+  /**
+   * Only the metadata will be looked at (qemu-img info; QEMU's BDRV_O_NO_IO): the external data
+   * file is not opened, so an image can be described without touching the files it names.
+   */
+  metadataOnly?: boolean;
 }
 
 export interface OpenedImage {
@@ -70,15 +75,24 @@ async function openChain(
     return new Image(await RawDriver.open(storage), null);
   }
   const driver = await Qcow2Driver.open(storage, {
-    openDataFile: (name) => gate.open(name, { readOnly: true, relativeTo: storage, purpose: 'data-file' }),
+    // QEMU 7.2 opens a data file name as given, i.e. relative to the working directory, not to the image.
+    openDataFile: (name) => gate.open(name, { readOnly: true, purpose: 'data-file' }),
     ...(depth === 0 && options.snapshot ? { snapshot: options.snapshot } : {}),
   });
+  if (!options.metadataOnly) {
+    try {
+      await driver.openDataFile();
+    } catch (e) {
+      await driver.close().catch(() => undefined);
+      throw e;
+    }
+  }
   const backingName = driver.header.backingFile;
   if (backingName === undefined || backingName === '' || options.noBacking) return new Image(driver, null);
   try {
     const resolved = gate.resolveName ? gate.resolveName(backingName, storage) : backingName;
     if (seen.has(resolved) || depth >= MAX_CHAIN_DEPTH) {
-      throw new FormatError(`Backing file chain loop: '${resolved}' is its own backing file`, { name: resolved });
+      throw new FormatError(`Backing file '${resolved}' creates an infinite loop.`, { name: resolved });
     }
     seen.add(resolved);
     const backingStorage = await gate.open(backingName, { readOnly: true, relativeTo: storage, purpose: 'backing' });
@@ -101,8 +115,16 @@ async function openChain(
     }
   } catch (e) {
     await driver.close().catch(() => undefined);
-    throw e;
+    throw withBackingContext(e);
   }
+}
+
+/** QEMU reports a failure anywhere down the chain as "Could not open backing file: <why>", once per level. */
+function withBackingContext(e: unknown): unknown {
+  if (!(e instanceof QimgError)) return e;
+  const wrapped = new QimgError(e.code, `Could not open backing file: ${e.message}`, e.data, { cause: e });
+  wrapped.name = e.name;
+  return wrapped;
 }
 
 /** The type of openImage (for helpers that take the opener as a parameter). */

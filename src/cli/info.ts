@@ -80,7 +80,7 @@ export async function collectImageInfoList(filename: string, fmt: string | undef
   while (name !== undefined) {
     if (seen.has(name)) throw new CliError(`Backing file '${name}' creates an infinite loop.`);
     seen.add(name);
-    const { image } = await openForCli(name, format, { noBacking: true });
+    const { image } = await openForCli(name, format, { noBacking: true, metadataOnly: true });
     let info: ImageInfo;
     try {
       info = withFullBacking(await image.info());

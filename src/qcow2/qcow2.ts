@@ -112,18 +112,19 @@ export class Qcow2Driver implements FormatDriver {
 
     let l1Offset = header.l1TableOffset;
     let l1Size = header.l1Size;
-    let virtualSize = header.size;
+    // QEMU counts the disk in whole 512-byte sectors, dropping a partial one.
+    const virtualSize = Math.floor(header.size / 512) * 512;
     if (options.snapshot) {
       const snap = findSnapshot(snapshots, options.snapshot);
       if (!snap) {
         const what = options.snapshot.name ?? options.snapshot.id ?? '';
-        throw new NotFoundError(`Can't find snapshot '${what}'`, { snapshot: options.snapshot });
+        throw new NotFoundError("Can't find snapshot", { snapshot: options.snapshot, what });
       }
       validateTable(snap.l1TableOffset, snap.l1Size, 8, MAX_L1_BYTES, clusterSize, 'Snapshot L1 table');
+      // As QEMU's temporary snapshot load: only the L1 table changes; the disk keeps its current
+      // size, and what the snapshot's L1 does not cover reads as unallocated.
       l1Offset = snap.l1TableOffset;
       l1Size = snap.l1Size;
-      virtualSize = snap.diskSize;
-      if (l1Size < sizeToL1(virtualSize)) throw new FormatError('Snapshot L1 table is too small');
     }
 
     // The L1 table is bounded by QEMU's 32 MiB limit (validated in parseHeader); entries the file
@@ -144,6 +145,11 @@ export class Qcow2Driver implements FormatDriver {
   }
 
   /** The storage holding guest data: the image file, or the external data file (opened on first use). */
+  /** Opens the external data file now (a no-op for images without one); open errors surface here. */
+  async openDataFile(): Promise<void> {
+    await this.dataFile();
+  }
+
   private dataFile(): Promise<Storage> {
     if (!this.geometry.hasDataFile) return Promise.resolve(this.storage);
     if (!this.dataStorage) {
