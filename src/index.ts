@@ -7,3 +7,6 @@ export * from './errors.js';
 export * from './io/index.js';
 export { Qcow2Driver } from './qcow2/qcow2.js';
 export { RawDriver } from './raw/raw.js';
+export { createImage, formattingLine, type CreateImageOptions, type CreateImageResult } from './create.js';
+export { convert, type ConvertOptions } from './convert/convert.js';
+export { storageExtents } from './sparse/extents.js';
