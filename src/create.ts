@@ -43,6 +43,12 @@ export interface CreateImageOptions {
    * checks and size defaulting, before the format's own validation (whose errors come after it).
    */
   onFormatting?: (line: string) => void;
+  /**
+   * Option values as the user typed them (by qemu option name), shown in the Formatting line in
+   * place of the parsed values: qemu-img echoes `lazy_refcounts=yes` or `compat=v3` as given
+   * (sizes it prints normalised).
+   */
+  optionText?: Record<string, string>;
 }
 
 export interface CreateImageResult {
@@ -115,6 +121,11 @@ export function formattingLine(filename: string, options: Omit<CreateImageOption
   const parts: string[] = [];
   for (const d of descs) {
     const v = d.get(options as CreateImageOptions);
+    const typed = options.optionText?.[d.name];
+    if (typed !== undefined && v !== undefined && d.kind !== 'size') {
+      parts.push(`${d.name}=${escaped(typed)}`);
+      continue;
+    }
     if (v === undefined) {
       if (d.default !== undefined) parts.push(`${d.name}=${d.default}`);
       continue;
@@ -191,7 +202,7 @@ export async function createImage(target: string | Storage, options: CreateImage
           ...(options.backingFormat !== undefined ? { format: checkFormat(options.backingFormat) } : {}),
         });
       } catch (e) {
-        throw withHint(e, 'Could not open backing image.');
+        throw withHint(e, 'Could not open backing image.\n');
       }
       backing = opened.image;
       if (options.backingFormat === undefined) {

@@ -26,7 +26,12 @@ export class CliError extends Error {
   readonly lines: string[];
   /** A line printed after the message without the program-name prefix (error_printf). */
   readonly trailer?: string;
-  constructor(message: string | string[], options: { exitCode?: number; hint?: boolean; trailer?: string } = {}) {
+  /** Text printed as is after the message (QEMU's error_append_hint: it carries its own newlines). */
+  readonly appendedHint?: string;
+  constructor(
+    message: string | string[],
+    options: { exitCode?: number; hint?: boolean; trailer?: string; appendedHint?: string } = {},
+  ) {
     const lines = Array.isArray(message) ? message : [message];
     super(lines[lines.length - 1]);
     this.name = 'CliError';
@@ -34,6 +39,7 @@ export class CliError extends Error {
     this.exitCode = options.exitCode ?? 1;
     this.hint = options.hint ?? false;
     if (options.trailer !== undefined) this.trailer = options.trailer;
+    if (options.appendedHint !== undefined) this.appendedHint = options.appendedHint;
   }
 }
 
@@ -48,6 +54,7 @@ export function reportError(ctx: CliContext, err: unknown): number {
   if (err instanceof CliError) {
     for (const line of err.lines) ctx.stderr.write(`${PROGRAM}: ${line}\n`);
     if (err.trailer !== undefined) ctx.stderr.write(`${err.trailer}\n`);
+    if (err.appendedHint !== undefined) ctx.stderr.write(err.appendedHint);
     if (err.hint) ctx.stderr.write(`Try '${PROGRAM} --help' for more information\n`);
     return err.exitCode;
   }

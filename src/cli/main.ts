@@ -8,6 +8,7 @@ import { CliError, PROGRAM, reportError, usageError, type CliContext, type CliOu
 import { cmdInfo } from './info.js';
 import { cmdMap } from './map.js';
 import { cmdConvert } from './convert.js';
+import { cmdCreate } from './create.js';
 
 const VERSION: string = packageJson.version;
 
@@ -20,6 +21,7 @@ Disk image utility (qcow2 and raw), speaking qemu-img's command line
 
 Command syntax:
   convert [-U] [-f fmt] [-O output_fmt] [-l snapshot_param] [-S sparse_size] [-m num] [-n] [-p | -q] filename [filename2 [...]] output_filename
+  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename
 
@@ -30,6 +32,7 @@ type Command = (args: string[], ctx: CliContext, showHelp: () => number) => Prom
 
 const COMMANDS: Record<string, Command> = {
   convert: cmdConvert,
+  create: cmdCreate,
   info: cmdInfo,
   map: cmdMap,
 };
