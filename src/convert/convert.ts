@@ -157,6 +157,14 @@ function pow2floor(n: number): number {
   return p;
 }
 
+/** The raw target's size for these sources: each source's size rounded up to 512 bytes, summed. */
+export function convertTargetSize(source: Image | Image[]): number {
+  const sources = Array.isArray(source) ? source : [source];
+  let sectors = 0;
+  for (const image of sources) sectors += Math.ceil(image.virtualSize / SECTOR);
+  return sectors * SECTOR;
+}
+
 /**
  * Copies `source` (or several sources, concatenated) to `target` as raw bytes. The target ends up
  * exactly the source's size rounded up to 512 bytes (as qemu-img sizes it in sectors).

@@ -5,7 +5,7 @@ import { open as fsOpen, type FileHandle } from 'node:fs/promises';
 import type { OpenStorageOptions, Storage, StorageExtent } from './storage.js';
 import { IoError, UsageError } from '../errors.js';
 import { checkOpen, checkRange, checkWritable } from './check.js';
-import { loadNative, NATIVE_ENXIO, type NativeFileOps } from './native.js';
+import { loadNative, nativeAllowed, NATIVE_ENXIO, type NativeFileOps } from './native.js';
 import { writeZeroBytes } from './zero.js';
 
 export interface FileStorageOptions extends OpenStorageOptions {
@@ -74,30 +74,49 @@ const DEFAULT_OPEN_FLAGS = { read: 'r', write: 'r+', create: 'w+' } as const;
 export class FileStorage implements Storage {
   readonly name: string;
   readonly readOnly: boolean;
-  /** Present when the native fast paths are loaded (SEEK_DATA/SEEK_HOLE). */
-  readonly extents?: (offset: number, length: number) => Promise<StorageExtent[]>;
-  /** Present when the native fast paths are loaded (punch hole). */
-  readonly discard?: (offset: number, length: number) => Promise<void>;
-  /** Present when the native fast paths are loaded (punch hole, then extend). */
-  readonly writeZeroes?: (offset: number, length: number) => Promise<void>;
   private readonly handle: FileHandle;
-  private readonly native: NativeFileOps | null;
+  /**
+   * The native operations: undefined until first needed (loading koffi costs start-up time that
+   * a command never using them should not pay), then the loaded ops or null. `nativeWanted` is
+   * decided at open (options and QIMG_NO_NATIVE), as if koffi were loaded then.
+   */
+  private nativeOps: NativeFileOps | null | undefined;
+  private readonly nativeWanted: boolean;
   private closed = false;
   /** Cleared when the file system refuses FALLOC_FL_PUNCH_HOLE; discard then writes zeros. */
   private punchSupported = true;
+  private readonly extentsFn = (offset: number, length: number): Promise<StorageExtent[]> =>
+    this.nativeExtents(offset, length);
+  private readonly discardFn = (offset: number, length: number): Promise<void> => this.nativeDiscard(offset, length);
+  private readonly writeZeroesFn = (offset: number, length: number): Promise<void> =>
+    this.nativeWriteZeroes(offset, length);
 
-  private constructor(name: string, handle: FileHandle, readOnly: boolean, native: NativeFileOps | null) {
+  private constructor(name: string, handle: FileHandle, readOnly: boolean, nativeWanted: boolean) {
     this.name = name;
     this.handle = handle;
     this.readOnly = readOnly;
-    this.native = native;
-    if (native) {
-      this.extents = (offset, length) => this.nativeExtents(offset, length);
-      if (!readOnly) {
-        this.discard = (offset, length) => this.nativeDiscard(offset, length);
-        this.writeZeroes = (offset, length) => this.nativeWriteZeroes(offset, length);
-      }
-    }
+    this.nativeWanted = nativeWanted;
+    if (!nativeWanted) this.nativeOps = null;
+  }
+
+  private get native(): NativeFileOps | null {
+    if (this.nativeOps === undefined) this.nativeOps = loadNative();
+    return this.nativeOps;
+  }
+
+  /** Present when the native fast paths are loaded (SEEK_DATA/SEEK_HOLE). */
+  get extents(): ((offset: number, length: number) => Promise<StorageExtent[]>) | undefined {
+    return this.native ? this.extentsFn : undefined;
+  }
+
+  /** Present when the native fast paths are loaded (punch hole). */
+  get discard(): ((offset: number, length: number) => Promise<void>) | undefined {
+    return this.native && !this.readOnly ? this.discardFn : undefined;
+  }
+
+  /** Present when the native fast paths are loaded (punch hole, then extend). */
+  get writeZeroes(): ((offset: number, length: number) => Promise<void>) | undefined {
+    return this.native && !this.readOnly ? this.writeZeroesFn : undefined;
   }
 
   /**
@@ -128,8 +147,8 @@ export class FileStorage implements Storage {
       await handle.close().catch(() => undefined);
       throw wrap('Could not open', path, err);
     }
-    const native = options.native === false ? null : loadNative();
-    return new FileStorage(path, handle, options.readOnly && !options.create, native);
+    const nativeWanted = options.native !== false && nativeAllowed();
+    return new FileStorage(path, handle, options.readOnly && !options.create, nativeWanted);
   }
 
   /** The OS file descriptor (for native calls); stays valid until close. */

@@ -1,7 +1,7 @@
 // zstd through the WebAssembly build in @bokuweb/zstd-wasm, synchronous once loaded.
 // Used in-thread and inside the worker threads (zstd-worker.ts).
 
-import * as zstdWasm from '@bokuweb/zstd-wasm';
+import type * as ZstdWasmModule from '@bokuweb/zstd-wasm';
 import { FormatError } from '../errors.js';
 import { readZstdFrame } from './zstd-frame.js';
 
@@ -9,14 +9,26 @@ import { readZstdFrame } from './zstd-frame.js';
 export const ZSTD_DEFAULT_LEVEL = 3;
 
 let loading: Promise<void> | undefined;
+/** The library, set once loadZstdWasm has finished (imported on first use: it costs start-up time). */
+let zstdWasm: typeof ZstdWasmModule | undefined;
 
 /** Instantiates the WebAssembly module once per thread. */
 export function loadZstdWasm(): Promise<void> {
-  loading ??= zstdWasm.init().catch((err: unknown) => {
-    loading = undefined;
-    throw err;
-  });
+  loading ??= import('@bokuweb/zstd-wasm')
+    .then(async (mod) => {
+      await mod.init();
+      zstdWasm = mod;
+    })
+    .catch((err: unknown) => {
+      loading = undefined;
+      throw err;
+    });
   return loading;
+}
+
+function loaded(): typeof ZstdWasmModule {
+  if (!zstdWasm) throw new Error('zstd is not loaded: call loadZstdWasm() first');
+  return zstdWasm;
 }
 
 /**
@@ -50,7 +62,7 @@ export function zstdDecompressSync(src: Uint8Array, dst: Uint8Array): void {
       try {
         // Capacity: the declared content size, else `defaultHeapSize`. An empty room with an
         // unknown size still needs a non-zero capacity for the call to mean anything.
-        out = zstdWasm.decompress(src.subarray(inPos, inPos + frame.length), { defaultHeapSize: Math.max(room, 1) });
+        out = loaded().decompress(src.subarray(inPos, inPos + frame.length), { defaultHeapSize: Math.max(room, 1) });
       } catch (err) {
         throw new FormatError(`Invalid zstd compressed cluster: ${(err as Error).message}`, { inputOffset: inPos });
       }
@@ -66,6 +78,6 @@ export function zstdDecompressSync(src: Uint8Array, dst: Uint8Array): void {
 
 /** One zstd frame (content size recorded, no checksum, as QEMU writes), or null if longer than maxLength. */
 export function zstdCompressSync(src: Uint8Array, maxLength: number, level = ZSTD_DEFAULT_LEVEL): Uint8Array | null {
-  const out = zstdWasm.compress(src, level);
+  const out = loaded().compress(src, level);
   return out.length <= maxLength ? out : null;
 }
