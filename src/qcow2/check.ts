@@ -288,6 +288,11 @@ class Checker {
     const at = Math.floor(i * bytesPerEntry);
     const len = Math.max(1, bytesPerEntry);
     await this.storage.write(new Uint8Array(b.view.buffer, at, len), b.offset + at);
+    // QEMU discards a cluster whose refcount a repair dropped to 0 (QCOW2_DISCARD_ALWAYS): the
+    // host file punches a hole there, so the freed cluster reads as zeros afterwards.
+    if (value === 0 && this.storage.discard && k * this.cs < this.fileSize) {
+      await this.storage.discard(k * this.cs, Math.min(this.cs, this.fileSize - k * this.cs)).catch(() => undefined);
+    }
   }
 
   // ---- expected refcounts -----------------------------------------------------------------
