@@ -6,7 +6,7 @@ import type { Storage } from '../io/storage.js';
 import { FileStorage } from '../io/file.js';
 import { fileGate } from '../io/gate.js';
 import { openImage, probeFormat } from '../open.js';
-import { checkQcow2, type CheckResult, type RepairMode } from '../qcow2/check.js';
+import { checkQcow2, markClean, type CheckResult, type RepairMode } from '../qcow2/check.js';
 import { parseHeader } from '../qcow2/header.js';
 import { readFullZeroFill } from '../io/storage.js';
 import { INCOMPAT_DATA_FILE } from '../qcow2/layout.js';
@@ -75,12 +75,14 @@ export async function cmdCheck(args: string[], ctx: CliContext, showHelp: () => 
   } catch (e) {
     throw new CliError(prefix + errorText(e));
   }
+  let opened = false;
   try {
     const fmtName = format ?? (await probeFormat(storage));
     if (fmtName !== 'qcow2') {
       throw new CliError('This image format does not support checks', { exitCode: 63 });
     }
     await openNamedFiles(storage, prefix);
+    opened = true;
     const out = (text: string): void => {
       if (!quiet) ctx.stdout.write(text);
     };
@@ -111,6 +113,8 @@ export async function cmdCheck(args: string[], ctx: CliContext, showHelp: () => 
     if (run.checkErrors) throw new CliError('Check failed');
     return run.corruptions ? 2 : run.leaks ? 3 : 0;
   } finally {
+    // Closing an image opened writable marks it clean (QEMU's qcow2_inactivate), even after a failed check.
+    if (opened && repair !== undefined) await markClean(storage).catch(() => undefined);
     await storage.close().catch(() => undefined);
   }
 }

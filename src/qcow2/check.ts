@@ -1006,18 +1006,28 @@ export async function checkQcow2(storage: Storage, options: CheckOptions = {}): 
   copyRefcountResult(result, c.res);
   addResult(result, snapshotRes);
   if (options.repair !== undefined && result.checkErrors === 0 && result.corruptions === 0) {
-    const flags = c.h.incompatibleFeatures;
-    if (flags & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)) {
-      // QEMU's qcow2_mark_clean / qcow2_mark_consistent: flush, then rewrite the header.
-      await storage.flush();
-      c.h.incompatibleFeatures = flags & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
-      c.h.size = Math.floor(c.h.size / 512) * 512;
-      const cluster0 = serializeHeader(c.h);
-      await storage.write(cluster0, 0);
-      await storage.flush();
-    }
+    await rewriteFlags(storage, c.h, INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
   }
   return result;
+}
+
+/** QEMU's qcow2_mark_clean / qcow2_mark_consistent: flush, clear the bits, rewrite the header (qcow2_update_header). */
+async function rewriteFlags(storage: Storage, h: Qcow2Header, clear: bigint): Promise<void> {
+  if ((h.incompatibleFeatures & clear) === 0n) return;
+  await storage.flush();
+  h.incompatibleFeatures &= ~clear;
+  h.size = Math.floor(h.size / 512) * 512;
+  await storage.write(serializeHeader(h), 0);
+  await storage.flush();
+}
+
+/**
+ * Clears the dirty bit as QEMU does when it closes an image it opened writable (qcow2_inactivate
+ * marks it clean once its caches are flushed), whatever a check found. qemu-img check -r ends so.
+ */
+export async function markClean(storage: Storage): Promise<void> {
+  const h = await readHeaderForCheck(storage);
+  await rewriteFlags(storage, h, INCOMPAT_DIRTY);
 }
 
 function copyRefcountResult(out: CheckResult, res: CheckResult): void {
