@@ -1,0 +1,370 @@
+// Model-based property test of the qcow2 write engine: random sequences of write, writeZeroes
+// (with and without mayUnmap), discard, writeCompressed, flush and close+reopen, applied both to
+// the image through qimg and to a plain byte-array model of the guest disk with QEMU 7.2's
+// semantics (test/helpers/model.ts). After each sequence the image must pass `qemu-img check` with
+// no errors and no leaks, and `qemu-img convert -O raw` (and qimg's own read) must equal the model.
+//
+// Shapes: cluster sizes 512 B .. 2 MiB, refcount widths 1..64, compat 0.10 / 1.1, extended L2,
+// lazy refcounts, raw or qcow2 backing files of random data (sometimes shorter than the overlay),
+// starting images prefilled by qemu-io with compressed clusters, data and zero clusters.
+//
+// QIMG_PROP_SEED=<n> replays a run; QIMG_WRITE_RUNS=<factor> scales the number of runs.
+
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { beforeAll, describe, it } from 'vitest';
+import { createImage } from '../../src/create.js';
+import { KiB, MiB, qemuImg, qemuIo, referenceRaw, run, tmpDir, withImage } from '../helpers/qemu.js';
+import {
+  type DiskOp, type DiskShape, EngineMissing, applyOp, describeDiff, describeOp, firstDiff, openWritable, parseCheck,
+  runOp, type WritableImage,
+} from '../helpers/model.js';
+
+const dir = tmpDir('qimg-write-model-');
+/** qemu-io `write -s` source for prefilled data. */
+const source = join(dir, 'source.bin');
+let seq = 0;
+
+interface Params {
+  clusterSize: number;
+  clusters: number;
+  /** 512-byte sectors past the last whole cluster (a partial last cluster). */
+  tailSectors: number;
+  refcountBits: number;
+  compat: '0.10' | '1.1';
+  extendedL2: boolean;
+  lazyRefcounts: boolean;
+  backing: 'none' | 'raw' | 'qcow2';
+  /** The backing file is this many sectors shorter than the overlay. */
+  backingShortBy: number;
+  creator: 'qemu-img' | 'qimg';
+  /** Clusters prefilled by qemu-io before qimg writes: c = compressed, w = data, z = zero. */
+  prefill: { cluster: number; kind: 'c' | 'w' | 'z' }[];
+}
+
+const sizeOf = (p: Params): number => p.clusters * p.clusterSize + p.tailSectors * 512;
+
+function paramsArb(clusterSize: number): fc.Arbitrary<Params> {
+  const big = clusterSize >= 2 * MiB;
+  return fc
+    .record({
+      clusterSize: fc.constant(clusterSize),
+      clusters: big ? fc.integer({ min: 4, max: 8 }) : fc.integer({ min: 8, max: 64 }),
+      tailSectors: fc.oneof({ weight: 3, arbitrary: fc.constant(0) }, { weight: 1, arbitrary: fc.integer({ min: 1, max: Math.max(1, Math.min(127, clusterSize / 512 - 1)) }) }),
+      refcountBits: fc.constantFrom(1, 2, 4, 8, 16, 32, 64),
+      compat: fc.oneof({ weight: 4, arbitrary: fc.constant('1.1' as const) }, { weight: 1, arbitrary: fc.constant('0.10' as const) }),
+      extendedL2: fc.boolean(),
+      lazyRefcounts: fc.oneof({ weight: 3, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) }),
+      backing: fc.constantFrom('none' as const, 'none' as const, 'raw' as const, 'qcow2' as const),
+      backingShortBy: fc.oneof(fc.constant(0), fc.integer({ min: 1, max: 3 * Math.max(1, clusterSize / 512) })),
+      creator: fc.constantFrom('qemu-img' as const, 'qimg' as const),
+      prefill: fc.oneof(
+        { weight: 2, arbitrary: fc.constant([] as Params['prefill']) },
+        {
+          weight: 1,
+          arbitrary: fc.array(
+            fc.record({ cluster: fc.nat({ max: 63 }), kind: fc.constantFrom('c' as const, 'c' as const, 'w' as const, 'z' as const) }),
+            { minLength: 1, maxLength: big ? 3 : 8 },
+          ),
+        },
+      ),
+    })
+    .map((p) => {
+      const v3 = p.compat === '1.1';
+      // QEMU: refcount_bits other than 16, extended L2 and lazy refcounts need compat 1.1;
+      // extended L2 needs clusters of at least 16 KiB.
+      const q: Params = {
+        ...p,
+        refcountBits: v3 ? p.refcountBits : 16,
+        extendedL2: v3 && p.extendedL2 && p.clusterSize >= 16 * KiB,
+        lazyRefcounts: v3 && p.lazyRefcounts,
+        prefill: p.prefill.filter((f) => f.cluster < p.clusters),
+      };
+      return q;
+    });
+}
+
+/** Offsets and lengths biased toward cluster, subcluster and sector boundaries. */
+function rangeArb(p: Params): fc.Arbitrary<{ off: number; len: number }> {
+  const size = sizeOf(p);
+  const cs = p.clusterSize;
+  const sub = p.extendedL2 ? cs / 32 : cs;
+  const unit = fc.constantFrom(cs, cs, sub, 512, 1);
+  const delta = fc.oneof(
+    { weight: 3, arbitrary: fc.constant(0) },
+    { weight: 2, arbitrary: fc.constantFrom(-1, 1) },
+    { weight: 1, arbitrary: fc.integer({ min: -700, max: 700 }) },
+  );
+  const off = fc.tuple(unit, fc.nat({ max: 1 << 30 }), delta).map(([u, k, d]) => {
+    const base = (k % Math.ceil(size / u)) * u;
+    return Math.max(0, Math.min(size - 1, base + d));
+  });
+  const len = fc.oneof(
+    { weight: 1, arbitrary: fc.integer({ min: 1, max: 16 }) },
+    { weight: 2, arbitrary: fc.integer({ min: 1, max: 3 * cs }) },
+    { weight: 3, arbitrary: fc.tuple(unit, fc.integer({ min: 1, max: 3 }), delta).map(([u, k, d]) => Math.max(1, u * k + d)) },
+  );
+  return fc.tuple(off, len).map(([o, l]) => ({ off: o, len: Math.min(l, size - o) }));
+}
+
+function opsArb(p: Params): fc.Arbitrary<DiskOp[]> {
+  const range = rangeArb(p);
+  const fill = fc.oneof(fc.constant(0), fc.integer({ min: 1, max: 255 }), fc.integer({ min: 256, max: 0x7fffffff }));
+  const op: fc.Arbitrary<DiskOp> = fc.oneof(
+    { weight: 6, arbitrary: fc.tuple(range, fill).map(([r, f]) => ({ k: 'write' as const, ...r, fill: f })) },
+    { weight: 3, arbitrary: fc.tuple(range, fc.boolean()).map(([r, u]) => ({ k: 'zero' as const, ...r, unmap: u })) },
+    { weight: 3, arbitrary: range.map((r) => ({ k: 'discard' as const, ...r })) },
+    {
+      weight: 1,
+      arbitrary: fc
+        .tuple(fc.nat({ max: p.clusters - 1 }), fill)
+        .map(([c, f]) => ({ k: 'compressed' as const, off: c * p.clusterSize, len: p.clusterSize, fill: f })),
+    },
+    { weight: 1, arbitrary: fc.constant({ k: 'flush' as const }) },
+    { weight: 1, arbitrary: fc.constant({ k: 'reopen' as const }) },
+  );
+  return fc.array(op, { minLength: 1, maxLength: p.clusterSize >= 2 * MiB ? 10 : 28 });
+}
+
+/**
+ * Drops compressed writes into clusters that are not pristine (touched by the prefill or by an
+ * earlier op): the engine, like QEMU, compresses only into unallocated clusters.
+ */
+function legalOps(p: Params, ops: DiskOp[]): DiskOp[] {
+  const cs = p.clusterSize;
+  const touched = new Set<number>(p.prefill.map((f) => f.cluster));
+  const out: DiskOp[] = [];
+  for (const op of ops) {
+    if (op.k === 'flush' || op.k === 'reopen') {
+      out.push(op);
+      continue;
+    }
+    if (op.k === 'compressed') {
+      const c = op.off / cs;
+      if (touched.has(c)) continue;
+      touched.add(c);
+      out.push(op);
+      continue;
+    }
+    for (let c = Math.floor(op.off / cs); c <= Math.floor((op.off + op.len - 1) / cs); c++) touched.add(c);
+    out.push(op);
+  }
+  return out;
+}
+
+function prefillCommands(p: Params): string[] {
+  const cs = p.clusterSize;
+  const size = sizeOf(p);
+  const cmds: string[] = [];
+  const done = new Set<number>();
+  for (const f of p.prefill) {
+    if (done.has(f.cluster)) continue;
+    done.add(f.cluster);
+    const off = f.cluster * cs;
+    const len = Math.min(cs, size - off);
+    if (f.kind === 'c') cmds.push(`write -c -s ${source} ${off} ${len}`);
+    else if (f.kind === 'w') cmds.push(`write -s ${source} ${off} ${Math.max(512, len - 1024)}`);
+    else cmds.push(`write -z ${off} ${len}`);
+  }
+  return cmds;
+}
+
+interface Built {
+  file: string;
+  runDir: string;
+  setup: string[];
+}
+
+async function build(p: Params): Promise<Built> {
+  const runDir = join(dir, `r${seq++}`);
+  mkdirSync(runDir);
+  const size = sizeOf(p);
+  const file = join(runDir, 'disk.qcow2');
+  const setup: string[] = [];
+  let backingFile: string | undefined;
+  let backingFormat: 'raw' | 'qcow2' | undefined;
+  if (p.backing !== 'none') {
+    const baseSize = Math.max(512, size - p.backingShortBy * 512);
+    const raw = join(runDir, 'base.raw');
+    writeFileSync(raw, randomBytes(baseSize));
+    setup.push(`head -c ${baseSize} /dev/urandom > base.raw`);
+    if (p.backing === 'qcow2') {
+      backingFile = join(runDir, 'base.qcow2');
+      await qemuImg(['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, backingFile]);
+      setup.push('qemu-img convert -f raw -O qcow2 base.raw base.qcow2');
+    } else backingFile = raw;
+    backingFormat = p.backing;
+  }
+  const o = [`cluster_size=${p.clusterSize}`, `refcount_bits=${p.refcountBits}`, `compat=${p.compat}`];
+  if (p.extendedL2) o.push('extended_l2=on');
+  if (p.lazyRefcounts) o.push('lazy_refcounts=on');
+  const createArgs = ['create', '-q', '-f', 'qcow2', '-o', o.join(',')];
+  if (backingFile) createArgs.push('-b', backingFile, '-F', backingFormat!);
+  createArgs.push(file, String(size));
+  if (p.creator === 'qemu-img') {
+    await qemuImg(createArgs);
+  } else {
+    await createImage(file, {
+      format: 'qcow2', size, clusterSize: p.clusterSize, refcountBits: p.refcountBits, compat: p.compat,
+      ...(p.extendedL2 ? { extendedL2: true } : {}), ...(p.lazyRefcounts ? { lazyRefcounts: true } : {}),
+      ...(backingFile ? { backingFile, backingFormat } : {}),
+    });
+  }
+  setup.push(`${p.creator === 'qimg' ? 'qimg (createImage)' : 'qemu-img'} ${createArgs.slice(1).join(' ')}`.replaceAll(runDir + '/', ''));
+  const cmds = prefillCommands(p);
+  if (cmds.length > 0) {
+    await qemuIo(file, cmds);
+    setup.push(`qemu-io -f qcow2 ${cmds.map((c) => `-c '${c.replace(source, 'source.bin')}'`).join(' ')} disk.qcow2`);
+  }
+  return { file, runDir, setup };
+}
+
+function repro(p: Params, b: Built, ops: DiskOp[], upTo = ops.length): string {
+  const lines = [
+    `params: ${JSON.stringify(p)}`,
+    ...b.setup.map((s) => `  $ ${s}`),
+    `ops (${upTo} of ${ops.length}):`,
+    ...ops.slice(0, upTo).map((op, i) => `  ${i}: ${describeOp(op)}`),
+  ];
+  return lines.join('\n');
+}
+
+async function property(p: Params, rawOps: DiskOp[]): Promise<void> {
+  const ops = legalOps(p, rawOps);
+  const b = await build(p);
+  const shape: DiskShape = { virtualSize: sizeOf(p), clusterSize: p.clusterSize, version: p.compat === '1.1' ? 3 : 2, hasBacking: p.backing !== 'none' };
+  let done = 0;
+  let image: WritableImage | undefined;
+  try {
+    const model = new Uint8Array(await referenceRaw(b.file, { format: 'qcow2' }));
+    image = await openEngine(b.file, b.runDir);
+    for (const op of ops) {
+      if (op.k === 'reopen') {
+        await image.close();
+        image = undefined;
+        image = await openEngine(b.file, b.runDir);
+      } else {
+        await runOp(image, op);
+        applyOp(model, shape, op);
+      }
+      done++;
+    }
+    await image.close();
+    image = undefined;
+
+    const chk = await run('qemu-img', ['check', '-f', 'qcow2', b.file]);
+    const check = parseCheck(chk.code, chk.stdout, chk.stderr);
+    if (!check.clean) throw new Error(`qemu-img check (exit ${check.code}) is not clean:\n${check.output}`);
+    const ref = new Uint8Array(await referenceRaw(b.file, { format: 'qcow2' }));
+    const i = firstDiff(ref, model);
+    if (i >= 0) throw new Error(describeDiff('qemu-img convert -O raw vs model', ref, model, i));
+    await withImage(b.file, { format: 'qcow2' }, async (ro) => {
+      const ours = await ro.read(0, ro.virtualSize);
+      const k = firstDiff(ours, model);
+      if (k >= 0) throw new Error(describeDiff('qimg read vs model', ours, model, k));
+    });
+    rmSync(b.runDir, { recursive: true, force: true });
+  } catch (e) {
+    if (e instanceof EngineMissing) throw e;
+    await image?.close().catch(() => undefined);
+    const failedAt = done < ops.length ? ` (op ${done} threw)` : '';
+    throw new Error(`${(e as Error).message}${failedAt}\nrepro:\n${repro(p, b, ops, Math.min(ops.length, done + 1))}\nimage kept at ${b.file}`, { cause: e });
+  }
+}
+
+/**
+ * QIMG_WRITE_ENGINE=qemu-io runs the same ops through qemu-io instead of qimg: a check of the model
+ * itself against QEMU (every op becomes a qemu-io command, run on close).
+ */
+const viaQemuIo = process.env.QIMG_WRITE_ENGINE === 'qemu-io';
+
+function qemuIoWritable(file: string, runDir: string): WritableImage {
+  const cmds: string[] = [];
+  let n = 0;
+  const data = (d: Uint8Array): string => {
+    const f = join(runDir, `data${n++}.bin`);
+    writeFileSync(f, d);
+    return f;
+  };
+  return {
+    virtualSize: 0,
+    read: () => Promise.reject(new Error('not used')),
+    write: async (off, d) => void cmds.push(`write -s ${data(d)} ${off} ${d.length}`),
+    writeZeroes: async (off, len, o) => void cmds.push(`write -z${o?.mayUnmap ? ' -u' : ''} ${off} ${len}`),
+    discard: async (off, len) => void cmds.push(`discard ${off} ${len}`),
+    writeCompressed: async (off, d) => void cmds.push(`write -c -s ${data(d)} ${off} ${d.length}`),
+    flush: async () => void cmds.push('flush'),
+    close: async () => {
+      await qemuIo(file, cmds.splice(0));
+    },
+  };
+}
+
+function openEngine(file: string, runDir: string): Promise<WritableImage> {
+  return viaQemuIo ? Promise.resolve(qemuIoWritable(file, runDir)) : openWritable(file, { format: 'qcow2' });
+}
+
+let probed: Promise<void> | undefined;
+/** Fails fast (no shrinking) while the write engine is missing. */
+function engineProbe(): Promise<void> {
+  if (viaQemuIo) return Promise.resolve();
+  probed ??= (async () => {
+    const file = join(dir, 'probe.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', file, '1M']);
+    const image = await openWritable(file, { format: 'qcow2' });
+    await image.close();
+  })();
+  return probed;
+}
+
+const factor = Number(process.env.QIMG_WRITE_RUNS ?? 1);
+const seed = process.env.QIMG_PROP_SEED ? Number(process.env.QIMG_PROP_SEED) : undefined;
+
+/** One cluster size per test, each with its run count and a time budget (shrinking included). */
+const GROUPS: { clusterSize: number; runs: number; budgetMs: number }[] = [
+  { clusterSize: 512, runs: 60, budgetMs: 25_000 },
+  { clusterSize: 4 * KiB, runs: 50, budgetMs: 25_000 },
+  { clusterSize: 64 * KiB, runs: 45, budgetMs: 25_000 },
+  { clusterSize: 2 * MiB, runs: 12, budgetMs: 25_000 },
+];
+
+describe('qcow2 write engine against a byte model (qemu-img check + convert)', () => {
+  beforeAll(() => {
+    writeFileSync(source, randomBytes(2 * MiB));
+  });
+
+  for (const g of GROUPS) {
+    it(`${g.clusterSize >= MiB ? `${g.clusterSize / MiB} MiB` : g.clusterSize >= KiB ? `${g.clusterSize / KiB} KiB` : `${g.clusterSize} B`} clusters: ${g.runs} random op sequences`, async () => {
+      await engineProbe();
+      const first: { message?: string } = {};
+      try {
+        await fc.assert(
+          fc.asyncProperty(
+            paramsArb(g.clusterSize).chain((p) => opsArb(p).map((ops) => [p, ops] as const)),
+            async ([p, ops]) => {
+              try {
+                await property(p, ops);
+              } catch (e) {
+                first.message ??= (e as Error).message;
+                throw e;
+              }
+            },
+          ),
+          {
+            numRuns: Math.max(1, Math.round(g.runs * factor)),
+            ...(seed !== undefined ? { seed } : {}),
+            plugins: [fc.interruptAfterTimeLimit(g.budgetMs * Math.max(1, factor))],
+          },
+        );
+      } catch (e) {
+        // fast-check prints the shrunk counterexample; the first failure's own repro is kept too.
+        if (first.message && !(e as Error).message.includes(first.message)) {
+          (e as Error).message += `\n\nfirst failure before shrinking:\n${first.message}`;
+        }
+        throw e;
+      }
+    }, 120_000);
+  }
+});
