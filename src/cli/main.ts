@@ -9,6 +9,7 @@ import { cmdInfo } from './info.js';
 import { cmdMap } from './map.js';
 import { cmdConvert } from './convert.js';
 import { cmdCreate } from './create.js';
+import { cmdCheck } from './check.js';
 
 const VERSION: string = packageJson.version;
 
@@ -20,6 +21,7 @@ Disk image utility (qcow2 and raw), speaking qemu-img's command line
     '-V', '--version'    output version information and exit
 
 Command syntax:
+  check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
   convert [-U] [-f fmt] [-O output_fmt] [-l snapshot_param] [-S sparse_size] [-m num] [-n] [-p | -q] filename [filename2 [...]] output_filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
@@ -31,6 +33,7 @@ Supported formats: qcow2 raw (convert writes raw)
 type Command = (args: string[], ctx: CliContext, showHelp: () => number) => Promise<number>;
 
 const COMMANDS: Record<string, Command> = {
+  check: cmdCheck,
   convert: cmdConvert,
   create: cmdCreate,
   info: cmdInfo,
