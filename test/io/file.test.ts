@@ -97,3 +97,21 @@ describe('native loading', () => {
     }
   });
 });
+
+describe('close with I/O in flight', () => {
+  it('waits for reads and writes already started, as FileHandle.close does', async () => {
+    const name = join(tmp.dir(), 'inflight.img');
+    const s = await FileStorage.open(name, { readOnly: false, create: true });
+    await s.write(new Uint8Array(1 << 20).fill(7), 0);
+    const bufs = Array.from({ length: 16 }, () => new Uint8Array(65536));
+    const reads = bufs.map((b, i) => s.read(b, i * 65536));
+    const write = s.write(new Uint8Array(4096).fill(9), 1 << 20);
+    await s.close();
+    expect(await Promise.all(reads)).toEqual(bufs.map(() => 65536));
+    await write;
+    for (const b of bufs) expect(b.every((x) => x === 7)).toBe(true);
+    const check = await FileStorage.open(name, { readOnly: true });
+    expect(await check.size()).toBe((1 << 20) + 4096);
+    await check.close();
+  });
+});

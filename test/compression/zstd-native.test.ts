@@ -1,0 +1,59 @@
+import { describe, expect, it } from 'vitest';
+import { FormatError } from '../../src/errors.js';
+import { loadZstdNative } from '../../src/qcow2/zstd-native.js';
+import { loadZstdWasm, zstdCompressSync, zstdDecompressNativeAsync, zstdDecompressSync } from '../../src/qcow2/zstd-wasm.js';
+import { CLUSTER, makeData } from './helpers.js';
+
+const native = loadZstdNative();
+
+/** What a decoder makes of src: the bytes, or the error's class and message. */
+async function outcome(decode: (dst: Uint8Array) => Promise<void> | void): Promise<string> {
+  const dst = new Uint8Array(CLUSTER);
+  try {
+    await decode(dst);
+    return `ok ${Buffer.from(dst).toString('base64')}`;
+  } catch (e) {
+    return `${(e as Error).constructor.name}: ${(e as Error).message}`;
+  }
+}
+
+describe.runIf(native !== null)('native zstd decoder (system libzstd)', () => {
+  it('decodes exactly as the WebAssembly build, valid and invalid input alike', async () => {
+    await loadZstdWasm();
+    const inputs: Uint8Array[] = [];
+    for (const kind of ['pattern', 'text', 'mixed', 'random'] as const) {
+      const c = zstdCompressSync(makeData(kind), CLUSTER * 2)!;
+      inputs.push(c, Buffer.concat([c, new Uint8Array(777)]));
+      // Corruptions: a flipped byte in the block data, a cut stream, a wrong declared size.
+      for (const at of [Math.floor(c.length / 2), c.length - 3, 12]) {
+        const bad = new Uint8Array(c);
+        bad[at] = bad[at]! ^ 0x5a;
+        inputs.push(bad);
+      }
+      inputs.push(c.subarray(0, c.length - 5));
+      const half = zstdCompressSync(makeData(kind).subarray(0, CLUSTER / 2), CLUSTER)!;
+      inputs.push(Buffer.concat([half, half]), half);
+    }
+    for (const src of inputs) {
+      const wasm = await outcome((dst) => zstdDecompressSync(src, dst));
+      expect(await outcome((dst) => zstdDecompressSync(src, dst, native))).toBe(wasm);
+      expect(await outcome((dst) => zstdDecompressNativeAsync(src, dst, native!))).toBe(wasm);
+    }
+  });
+
+  it('reports failures as FormatError', async () => {
+    const dst = new Uint8Array(CLUSTER);
+    const bogus = new Uint8Array([0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff]);
+    await expect(zstdDecompressNativeAsync(bogus, dst, native!)).rejects.toBeInstanceOf(FormatError);
+  });
+});
+
+describe.runIf(native !== null)('native zstd decoder under load', () => {
+  it('queues beyond its limit of concurrent async calls (4096 at once)', async () => {
+    await loadZstdWasm();
+    const src = zstdCompressSync(makeData('text', 512), 1024)!;
+    const outs = Array.from({ length: 4096 }, () => new Uint8Array(512));
+    await Promise.all(outs.map((dst) => zstdDecompressNativeAsync(src, dst, native!)));
+    for (const o of outs) expect(Buffer.from(o).equals(Buffer.from(makeData('text', 512)))).toBe(true);
+  });
+});
