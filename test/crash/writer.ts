@@ -5,20 +5,83 @@
 //   S <k>        op k is about to start
 //   F <n>        a flush returned: ops 0..n-1 are durable
 //   E <json>     an op threw (then exit 1)
-// Usage: node writer.js <image> <log> <seed> <virtualSize> <clusterSize>
+// Usage: node writer.js <image> <log> <seed> <virtualSize> <clusterSize> [qimg|qemu-io]
+// The engine `qemu-io` drives a qemu-io child over stdin instead of qimg (a check of the crash
+// test itself against QEMU; the test kills the whole process group).
 
-import { openSync, writeSync } from 'node:fs';
-import { openWritable, runOp } from '../helpers/model.js';
+import { spawn } from 'node:child_process';
+import { mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
+import { openWritable, runOp, type WritableImage } from '../helpers/model.js';
 import { crashOps } from './ops.js';
 
-const [image, log, seed, virtualSize, clusterSize] = process.argv.slice(2);
+const [image, log, seed, virtualSize, clusterSize, engine = 'qimg'] = process.argv.slice(2);
 const fd = openSync(log!, 'a');
 const say = (line: string): void => {
   writeSync(fd, `${line}\n`);
 };
 
+/** A WritableImage that sends qemu-io commands; flush waits until qemu-io has done everything before it. */
+async function qemuIoImage(file: string): Promise<WritableImage> {
+  const dataDir = `${log}.data`;
+  mkdirSync(dataDir, { recursive: true });
+  const q = spawn('qemu-io', ['-f', 'qcow2', file], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  let answers = 0;
+  let waiting: { n: number; resolve: () => void; reject: (e: Error) => void } | undefined;
+  const onOutput = (d: Buffer): void => {
+    out += d.toString();
+    const lines = out.split('\n');
+    out = lines.pop()!;
+    for (const l of lines) {
+      if (/failed|error/i.test(l)) waiting?.reject(new Error(`qemu-io: ${l}`));
+      if (/^(qemu-io> )*\d+(\.\d+)? (bytes|KiB|MiB|GiB)$/.test(l)) answers++;
+    }
+    if (waiting && answers >= waiting.n) waiting.resolve();
+  };
+  q.stdout.on('data', onOutput);
+  q.stderr.on('data', onOutput);
+  let asked = 0;
+  const send = (cmd: string): void => {
+    q.stdin.write(`${cmd}\n`);
+  };
+  const barrier = (): Promise<void> => {
+    send('length');
+    const n = ++asked;
+    return new Promise((resolve, reject) => {
+      waiting = { n, resolve, reject };
+      if (answers >= n) resolve();
+    });
+  };
+  let k = 0;
+  const data = (d: Uint8Array): string => {
+    const f = `${dataDir}/${k++ % 64}.bin`;
+    writeFileSync(f, d);
+    return f;
+  };
+  await barrier();
+  return {
+    virtualSize: Number(virtualSize),
+    read: () => Promise.reject(new Error('not used')),
+    // Data files are reused round-robin: wait for qemu-io every 32 commands so none is rewritten early.
+    write: async (off, d) => {
+      send(`write -s ${data(d)} ${off} ${d.length}`);
+      if (k % 32 === 0) await barrier();
+    },
+    writeZeroes: async (off, len, o) => send(`write -z${o?.mayUnmap ? ' -u' : ''} ${off} ${len}`),
+    discard: async (off, len) => send(`discard ${off} ${len}`),
+    writeCompressed: async (off, d) => send(`write -c -s ${data(d)} ${off} ${d.length}`),
+    flush: async () => {
+      send('flush');
+      await barrier();
+    },
+    close: async () => {
+      q.stdin.end();
+    },
+  };
+}
+
 try {
-  const img = await openWritable(image!, { format: 'qcow2' });
+  const img = engine === 'qemu-io' ? await qemuIoImage(image!) : await openWritable(image!, { format: 'qcow2' });
   if (img.virtualSize !== Number(virtualSize)) throw new Error(`virtual size ${img.virtualSize}, expected ${virtualSize}`);
   say('R');
   let k = 0;
