@@ -133,7 +133,11 @@ async function runAndKill(image: string, logFile: string, seed: number, disk: { 
   const how = await exited;
   const log = parseLog(readFileSync(logFile, 'utf8'));
   if (how.signal !== 'SIGKILL' || !log.ready) {
-    throw new Error(`writer ended by itself (code ${how.code}, signal ${how.signal}) ${log.error ? `with: ${log.error}` : ''}\n${stderr}`);
+    const ops = firstOps(seed, disk, log.started);
+    const last = ops.length > 0 ? ` in op ${ops.length - 1}: ${describeOp(ops[ops.length - 1]!)} (the 20 ops before it: ${ops.slice(-21, -1).map(describeOp).join("; ")})` : ' before its first op';
+    throw new Error(
+      `writer (seed ${seed}) ended by itself (code ${how.code}, signal ${how.signal})${last}${log.error ? `\nwith: ${log.error}` : ''}\n${stderr}`,
+    );
   }
   return log;
 }
