@@ -4,7 +4,7 @@
 import type { Storage } from './io/storage.js';
 import { readFullZeroFill } from './io/storage.js';
 import { storageExtents } from './sparse/extents.js';
-import { UsageError } from './errors.js';
+import { UnsupportedError, UsageError } from './errors.js';
 import type { ImageInfo } from './info.js';
 
 export type ImageFormat = 'qcow2' | 'raw';
@@ -29,6 +29,23 @@ export type ShallowMapping =
   | { kind: 'unallocated'; length: number; storage?: Storage; hostOffset?: number }
   | { kind: 'compressed'; length: number };
 
+/** What the generic layer gives a format's write: its own guest read (copy-on-write source) and whether a backing file is open. */
+export interface WriteIo {
+  readGuest(buf: Uint8Array, guestOffset: number): Promise<void>;
+  hasBacking: boolean;
+}
+
+export interface WriteZeroesOptions {
+  /** The range may be deallocated (QEMU's BDRV_REQ_MAY_UNMAP); otherwise allocated clusters stay allocated. */
+  mayUnmap?: boolean;
+}
+
+export interface ResizeOptions {
+  /** Required to make the image smaller (as qemu-img resize --shrink). */
+  shrink?: boolean;
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+}
+
 /** What a format supplies to the generic layer. */
 export interface FormatDriver {
   readonly format: ImageFormat;
@@ -45,7 +62,18 @@ export interface FormatDriver {
   readCompressed(guestOffset: number, buf: Uint8Array): Promise<void>;
   /** Facts for `qimg info` (the backing fields are filled from the metadata, not the opened chain). */
   info(): Promise<ImageInfo>;
+  /** Flushes (if writable) and closes. */
   close(): Promise<void>;
+
+  // Writing (present when the format can write; `readOnly` false when opened for it). Ranges are
+  // checked against virtualSize by the generic layer.
+  readonly readOnly?: boolean;
+  write?(guestOffset: number, data: Uint8Array, io: WriteIo): Promise<void>;
+  writeZeroes?(guestOffset: number, length: number, mayUnmap: boolean, io: WriteIo): Promise<void>;
+  discard?(guestOffset: number, length: number, io: WriteIo): Promise<void>;
+  writeCompressed?(guestOffset: number, data: Uint8Array, io: WriteIo): Promise<void>;
+  flush?(): Promise<void>;
+  resize?(newSize: number, options: ResizeOptions, io: WriteIo): Promise<void>;
 }
 
 /**
@@ -65,15 +93,75 @@ export interface BlockStatus {
   file?: Storage;
 }
 
-/** An open image with its backing chain. Reads, block status; writes come with the write engine. */
+/** An open image with its backing chain. Reads, block status, and (opened writable) writes. */
 export class Image {
   readonly driver: FormatDriver;
   /** The backing image (itself with its own backing), or null. */
   readonly backing: Image | null;
+  private readonly io: WriteIo;
 
   constructor(driver: FormatDriver, backing: Image | null) {
     this.driver = driver;
     this.backing = backing;
+    this.io = { readGuest: (buf, offset) => this.readInto(buf, offset), hasBacking: backing !== null };
+  }
+
+  /** False only for an image opened writable (`openImage(target, { readOnly: false })`). */
+  get readOnly(): boolean {
+    return this.driver.readOnly ?? true;
+  }
+
+  private checkWrite(what: string, offset: number, length: number): void {
+    if (this.readOnly) throw new UsageError(`${this.storage.name}: cannot ${what}: the image is open read-only`);
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new UsageError(`${what} of ${length} bytes at ${offset} is outside the image (size ${this.virtualSize})`);
+    }
+  }
+
+  private method<K extends 'write' | 'writeZeroes' | 'discard' | 'writeCompressed' | 'resize'>(name: K): NonNullable<FormatDriver[K]> {
+    const fn = this.driver[name];
+    if (!fn) throw new UnsupportedError(`The ${this.format} driver cannot ${name}`);
+    return fn.bind(this.driver) as NonNullable<FormatDriver[K]>;
+  }
+
+  /** Writes data at the guest offset. */
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    this.checkWrite('write', offset, data.length);
+    if (data.length === 0) return;
+    await this.method('write')(offset, data, this.io);
+  }
+
+  /** Makes the range read as zeros (zero clusters where the format has them; deallocating with mayUnmap). */
+  async writeZeroes(offset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
+    this.checkWrite('write zeroes', offset, length);
+    if (length === 0) return;
+    await this.method('writeZeroes')(offset, length, options.mayUnmap ?? false, this.io);
+  }
+
+  /** Discards the range as QEMU does: whole clusters only (qcow2); afterwards they read as zeros (or from nothing). */
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkWrite('discard', offset, length);
+    if (length === 0) return;
+    await this.method('discard')(offset, length, this.io);
+  }
+
+  /** Writes whole clusters compressed (qcow2; the last may be partial at the disk's end); only into unallocated clusters. */
+  async writeCompressed(offset: number, data: Uint8Array): Promise<void> {
+    this.checkWrite('write compressed', offset, data.length);
+    if (data.length === 0) return;
+    await this.method('writeCompressed')(offset, data, this.io);
+  }
+
+  /** Writes out cached metadata and flushes the storage. */
+  async flush(): Promise<void> {
+    if (this.driver.flush) await this.driver.flush();
+  }
+
+  /** Changes the virtual size (shrinking only with `shrink: true`). */
+  async resize(newSize: number, options: ResizeOptions = {}): Promise<void> {
+    if (this.readOnly) throw new UsageError(`${this.storage.name}: cannot resize: the image is open read-only`);
+    if (!Number.isSafeInteger(newSize) || newSize < 0) throw new UsageError(`Invalid image size ${newSize}`);
+    await this.method('resize')(newSize, options, this.io);
   }
 
   get format(): ImageFormat {

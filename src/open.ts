@@ -8,7 +8,7 @@ import { fileGate } from './io/gate.js';
 import { Qcow2Driver } from './qcow2/qcow2.js';
 import { QCOW2_MAGIC } from './qcow2/layout.js';
 import { RawDriver } from './raw/raw.js';
-import { FormatError, QimgError, UnsupportedError } from './errors.js';
+import { FormatError, QimgError, UnsupportedError, UsageError } from './errors.js';
 
 export interface OpenImageOptions {
   /** The format; probed (qcow2 by magic, else raw) when absent. */
@@ -53,6 +53,9 @@ export async function probeFormat(storage: Storage): Promise<ImageFormat> {
 export async function openImage(target: Storage | string, options: OpenImageOptions = {}): Promise<OpenedImage> {
   const readOnly = options.readOnly ?? true;
   const storage = typeof target === 'string' ? await FileStorage.open(target, { readOnly }) : target;
+  if (!readOnly && storage.readOnly) {
+    throw new UsageError(`${storage.name}: cannot open a read-only storage for writing`);
+  }
   try {
     const probed = options.format === undefined;
     const format = options.format ?? (await probeFormat(storage));
@@ -74,9 +77,12 @@ async function openChain(
     }
     return new Image(await RawDriver.open(storage), null);
   }
+  // Only the top image is opened writable; the backing chain stays read-only.
+  const writable = depth === 0 && options.readOnly === false;
   const driver = await Qcow2Driver.open(storage, {
     // QEMU 7.2 opens a data file name as given, i.e. relative to the working directory, not to the image.
-    openDataFile: (name) => gate.open(name, { readOnly: true, purpose: 'data-file' }),
+    openDataFile: (name) => gate.open(name, { readOnly: !writable, purpose: 'data-file' }),
+    ...(writable ? { writable: true } : {}),
     ...(depth === 0 && options.snapshot ? { snapshot: options.snapshot } : {}),
   });
   if (!options.metadataOnly) {

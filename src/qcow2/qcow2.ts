@@ -1,18 +1,22 @@
 // The qcow2 driver: opens an image (or one of its snapshots) and answers the shallow mapping the
 // generic layer in src/image.ts builds reads and block status on.
 
-import type { FormatDriver, ShallowMapping } from '../image.js';
+import type { FormatDriver, ShallowMapping, WriteIo } from '../image.js';
 import type { ImageInfo, Qcow2SpecificInfo } from '../info.js';
 import type { Storage } from '../io/storage.js';
 import { readFullZeroFill } from '../io/storage.js';
-import { FormatError, NotFoundError, UnsupportedError } from '../errors.js';
+import { FormatError, NotFoundError, QimgError, UnsupportedError } from '../errors.js';
 import { parseHeader, validateTable, type Qcow2Header } from './header.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
   MAX_L1_BYTES, SUBCLUSTERS_PER_CLUSTER, hex,
 } from './layout.js';
 import { SubclusterType, decodeCompressed, standardHostOffset, subclusterType, type L2Geometry } from './l2-entry.js';
-import { TableCache } from './table-cache.js';
+import { MetaCache } from './cache.js';
+import { L1Table } from './l1.js';
+import { Refcounts } from './allocator.js';
+import { Qcow2Writer } from './write.js';
+import { rebuildRefcounts } from './check.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshots.js';
 import { readBitmapDirectory } from './bitmaps.js';
 import { RefcountReader } from './refcount.js';
@@ -20,6 +24,9 @@ import { getCodec, type ClusterCodec } from './compression.js';
 
 /** Default bound on cached L2 tables: a sequential read keeps few tables hot; a 16 TiB image stays small. */
 const L2_CACHE_BYTES = 4 * 1024 * 1024;
+/** Writers keep more (dirty tables stay until the next write-out; QEMU's default is 32 MiB on Linux). */
+const L2_CACHE_BYTES_WRITABLE = 32 * 1024 * 1024;
+const BITMAP_FLAG_AUTO = 2;
 /** Decompressed clusters kept so that reads splitting a compressed cluster decompress it once. */
 const DECOMPRESSED_CACHE_CLUSTERS = 4;
 
@@ -28,19 +35,23 @@ export interface Qcow2OpenOptions {
   openDataFile?: (name: string) => Promise<Storage>;
   /** Open this internal snapshot instead of the active L1 table. */
   snapshot?: { id?: string; name?: string };
+  /** Open for writing (the storage must be writable; the data file is opened through openDataFile writable too). */
+  writable?: boolean;
 }
 
 export class Qcow2Driver implements FormatDriver {
   readonly format = 'qcow2' as const;
   readonly storage: Storage;
   readonly header: Qcow2Header;
-  readonly virtualSize: number;
+  virtualSize: number;
   readonly clusterSize: number;
   readonly geometry: L2Geometry;
   readonly snapshots: Qcow2Snapshot[];
-  private readonly l1: DataView;
-  private readonly l1Size: number;
-  private readonly l2Cache: TableCache;
+  /** The active (or opened snapshot's) L1 table. */
+  readonly l1: L1Table;
+  /** L2 tables, shared by reads and the writer (reads see tables not yet written). */
+  readonly l2Cache: MetaCache;
+  private readonly writer: Qcow2Writer | null;
   private readonly subclusterSize: number;
   private readonly openDataFileFn?: (name: string) => Promise<Storage>;
   private dataStorage: Promise<Storage> | null = null;
@@ -49,8 +60,8 @@ export class Qcow2Driver implements FormatDriver {
   /** True when QEMU would detect metadata preallocation (block status then looks through to the host file). */
   private metadataPreallocation: boolean | null = null;
 
-  private constructor(storage: Storage, header: Qcow2Header, l1: DataView, l1Size: number, virtualSize: number,
-    snapshots: Qcow2Snapshot[], options: Qcow2OpenOptions) {
+  private constructor(storage: Storage, header: Qcow2Header, l1: L1Table, virtualSize: number,
+    snapshots: Qcow2Snapshot[], options: Qcow2OpenOptions, refcounts: Refcounts | null) {
     this.storage = storage;
     this.header = header;
     this.virtualSize = virtualSize;
@@ -68,12 +79,37 @@ export class Qcow2Driver implements FormatDriver {
     this.subclusterSize = extendedL2 ? this.clusterSize / SUBCLUSTERS_PER_CLUSTER : this.clusterSize;
     this.snapshots = snapshots;
     this.l1 = l1;
-    this.l1Size = l1Size;
-    this.l2Cache = new TableCache(storage, this.clusterSize, L2_CACHE_BYTES);
+    this.l2Cache = new MetaCache(storage, this.clusterSize, refcounts ? L2_CACHE_BYTES_WRITABLE : L2_CACHE_BYTES, 2);
     this.openDataFileFn = options.openDataFile;
+    this.writer = refcounts ? new Qcow2Writer(this, refcounts) : null;
+  }
+
+  get readOnly(): boolean {
+    return this.writer === null;
   }
 
   static async open(storage: Storage, options: Qcow2OpenOptions = {}): Promise<Qcow2Driver> {
+    if (options.writable) {
+      if (options.snapshot) throw new UnsupportedError('Snapshots can only be opened read-only');
+      if (storage.readOnly) throw new QimgError('USAGE', `${storage.name}: the storage is read-only`);
+      const peek = await Qcow2Driver.open(storage, { ...options, writable: false, openDataFile: undefined });
+      const h = peek.header;
+      if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) {
+        throw new FormatError('qcow2: Image is corrupt; cannot be opened read/write', { corrupt: true });
+      }
+      if (h.bitmaps && h.bitmaps.nbBitmaps > 0) {
+        const bitmaps = await readBitmapDirectory(storage, h.bitmaps);
+        const auto = bitmaps.filter((b) => b.flags.includes('auto'));
+        void BITMAP_FLAG_AUTO;
+        if (auto.length > 0) {
+          throw new UnsupportedError(`Writing to images with enabled persistent bitmaps is not supported (bitmap '${auto[0]!.name}')`);
+        }
+      }
+      if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
+        // As QEMU opening a dirty image writable: rebuild the refcounts from the metadata first.
+        await rebuildRefcounts(storage);
+      }
+    }
     const fileSize = await storage.size();
     // The header and its extensions live in the first cluster; read the largest possible one and
     // re-read if the image's cluster is larger (QEMU reads past EOF as zeros).
@@ -130,10 +166,19 @@ export class Qcow2Driver implements FormatDriver {
     // The L1 table is bounded by QEMU's 32 MiB limit (validated in parseHeader); entries the file
     // does not hold read as zeros without being allocated.
     const l1Held = Math.max(0, Math.min(l1Size * 8, fileSize - l1Offset));
-    const l1Bytes = new Uint8Array(Math.ceil(l1Held / 8) * 8);
-    await readFullZeroFill(storage, l1Bytes, l1Offset);
-    return new Qcow2Driver(storage, header, new DataView(l1Bytes.buffer), Math.min(l1Size, l1Bytes.length / 8),
-      virtualSize, snapshots, options);
+    let l1: L1Table;
+    let refcounts: Refcounts | null = null;
+    if (options.writable) {
+      const l1Bytes = new Uint8Array(Math.ceil((l1Size * 8) / clusterSize) * clusterSize);
+      await readFullZeroFill(storage, l1Bytes.subarray(0, l1Held), l1Offset);
+      l1 = new L1Table(l1Bytes, l1Size, l1Offset);
+      refcounts = await Refcounts.load(storage, clusterSize, header.refcountOrder, header.refcountTableOffset, header.refcountTableClusters);
+    } else {
+      const l1Bytes = new Uint8Array(Math.ceil(l1Held / 8) * 8);
+      await readFullZeroFill(storage, l1Bytes, l1Offset);
+      l1 = new L1Table(l1Bytes, Math.min(l1Size, l1Bytes.length / 8), l1Offset);
+    }
+    return new Qcow2Driver(storage, header, l1, virtualSize, snapshots, options, refcounts);
   }
 
   get dirty(): boolean {
@@ -150,7 +195,7 @@ export class Qcow2Driver implements FormatDriver {
     await this.dataFile();
   }
 
-  private dataFile(): Promise<Storage> {
+  dataFile(): Promise<Storage> {
     if (!this.geometry.hasDataFile) return Promise.resolve(this.storage);
     if (!this.dataStorage) {
       const name = this.header.dataFile;
@@ -173,8 +218,8 @@ export class Qcow2Driver implements FormatDriver {
     const inCluster = guestOffset - clusterIndex * cs;
     // A run never leaves the L2 table that maps its start.
     const limit = Math.min(maxLength, (g.l2Entries - l2Index) * cs - inCluster);
-    if (l1Index >= this.l1Size) return { kind: 'unallocated', length: limit };
-    const l2Offset = standardHostOffset(this.l1.getUint32(l1Index * 8), this.l1.getUint32(l1Index * 8 + 4));
+    if (l1Index >= this.l1.size) return { kind: 'unallocated', length: limit };
+    const l2Offset = standardHostOffset(this.l1.view.getUint32(l1Index * 8), this.l1.view.getUint32(l1Index * 8 + 4));
     if (l2Offset === 0) return { kind: 'unallocated', length: limit };
     if (l2Offset < 0 || l2Offset % cs !== 0) {
       throw new FormatError(`L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${hex(l1Index)})`, { l1Index, l2Offset });
@@ -281,7 +326,7 @@ export class Qcow2Driver implements FormatDriver {
     const g = this.geometry;
     const l1Index = Math.floor(clusterIndex / g.l2Entries);
     const l2Index = clusterIndex - l1Index * g.l2Entries;
-    const l2Offset = standardHostOffset(this.l1.getUint32(l1Index * 8), this.l1.getUint32(l1Index * 8 + 4));
+    const l2Offset = standardHostOffset(this.l1.view.getUint32(l1Index * 8), this.l1.view.getUint32(l1Index * 8 + 4));
     const table = await this.l2Cache.get(l2Offset);
     const hi = table.getUint32(l2Index * g.entryBytes);
     const lo = table.getUint32(l2Index * g.entryBytes + 4);
@@ -358,7 +403,53 @@ export class Qcow2Driver implements FormatDriver {
     };
   }
 
+  // ---------------------------------------------------------------- writing (write.ts)
+
+  invalidateReadCaches(): void {
+    this.decompressed.clear();
+  }
+
+  private requireWriter(): Qcow2Writer {
+    if (!this.writer) throw new QimgError('USAGE', `${this.storage.name}: the image is open read-only`);
+    return this.writer;
+  }
+
+  write(guestOffset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+    return this.requireWriter().write(guestOffset, data, io);
+  }
+
+  writeZeroes(guestOffset: number, length: number, mayUnmap: boolean, io: WriteIo): Promise<void> {
+    return this.requireWriter().writeZeroes(guestOffset, length, mayUnmap, io);
+  }
+
+  discard(guestOffset: number, length: number, io: WriteIo): Promise<void> {
+    return this.requireWriter().discard(guestOffset, length, io);
+  }
+
+  writeCompressed(guestOffset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+    return this.requireWriter().writeCompressed(guestOffset, data, io);
+  }
+
+  async flush(): Promise<void> {
+    if (this.writer) await this.writer.flush();
+  }
+
+  resize(newSize: number, options: { shrink?: boolean; preallocation?: string }, io: WriteIo): Promise<void> {
+    if (options.preallocation !== undefined && options.preallocation !== 'off') {
+      throw new UnsupportedError(`Unsupported preallocation mode '${options.preallocation}' for resize`);
+    }
+    return this.requireWriter().resize(newSize, options.shrink ?? false, io);
+  }
+
   async close(): Promise<void> {
+    try {
+      if (this.writer) await this.writer.close();
+    } finally {
+      await this.closeStorages();
+    }
+  }
+
+  private async closeStorages(): Promise<void> {
     this.l2Cache.clear();
     this.decompressed.clear();
     if (this.dataStorage) {

@@ -68,3 +68,27 @@ export class RefcountReader {
     return this.get(block, clusterIndex - tableIndex * this.entriesPerBlock);
   }
 }
+
+export type RefcountSetter = (block: DataView, index: number, value: number) => void;
+
+/** The writer of entry `index` of a refcount block for refcount_order 0..6 (QEMU's set_refcount_ro0..6). */
+export function refcountSetter(order: number): RefcountSetter {
+  switch (order) {
+    case 0: return (b, i, v) => b.setUint8(i >>> 3, (b.getUint8(i >>> 3) & ~(1 << (i & 7))) | ((v & 1) << (i & 7)));
+    case 1: return (b, i, v) => b.setUint8(i >>> 2, (b.getUint8(i >>> 2) & ~(3 << ((i & 3) * 2))) | ((v & 3) << ((i & 3) * 2)));
+    case 2: return (b, i, v) => b.setUint8(i >>> 1, (b.getUint8(i >>> 1) & ~(15 << ((i & 1) * 4))) | ((v & 15) << ((i & 1) * 4)));
+    case 3: return (b, i, v) => b.setUint8(i, v);
+    case 4: return (b, i, v) => b.setUint16(i * 2, v);
+    case 5: return (b, i, v) => b.setUint32(i * 4, v);
+    case 6: return (b, i, v) => {
+      b.setUint32(i * 8, Math.floor(v / TWO_POW_32));
+      b.setUint32(i * 8 + 4, v >>> 0);
+    };
+    default: throw new FormatError(`Unsupported refcount order ${order}`);
+  }
+}
+
+/** The largest refcount a width can hold (64-bit refcounts are capped at 2^53 - 1 here). */
+export function refcountMax(order: number): number {
+  return order === 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** order) - 1;
+}

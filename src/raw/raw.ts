@@ -1,6 +1,7 @@
 // The raw format: the storage is the disk.
 
-import type { FormatDriver, ShallowMapping } from '../image.js';
+import type { FormatDriver, ResizeOptions, ShallowMapping } from '../image.js';
+import { discardRange, writeZeroesRange } from '../sparse/extents.js';
 import type { ImageInfo } from '../info.js';
 import type { Storage } from '../io/storage.js';
 import { UsageError } from '../errors.js';
@@ -11,7 +12,7 @@ export const RAW_SECTOR = 512;
 export class RawDriver implements FormatDriver {
   readonly format = 'raw' as const;
   readonly storage: Storage;
-  readonly virtualSize: number;
+  virtualSize: number;
 
   private constructor(storage: Storage, virtualSize: number) {
     this.storage = storage;
@@ -42,7 +43,48 @@ export class RawDriver implements FormatDriver {
     };
   }
 
+  get readOnly(): boolean {
+    return this.storage.readOnly;
+  }
+
+  async write(guestOffset: number, data: Uint8Array): Promise<void> {
+    await this.storage.write(data, guestOffset);
+  }
+
+  /** Never writes zero bytes into a hole: punches where the storage can, else writes only non-zero chunks' zeros. */
+  async writeZeroes(guestOffset: number, length: number, mayUnmap: boolean): Promise<void> {
+    const size = await this.storage.size();
+    const inside = Math.max(0, Math.min(guestOffset + length, size) - guestOffset);
+    if (inside > 0) {
+      if (mayUnmap && this.storage.discard) await discardRange(this.storage, guestOffset, inside);
+      else await writeZeroesRange(this.storage, guestOffset, inside);
+    }
+    // Past the file's end the disk already reads as zeros (the sector-rounded tail).
+  }
+
+  async discard(guestOffset: number, length: number): Promise<void> {
+    const size = await this.storage.size();
+    const inside = Math.max(0, Math.min(guestOffset + length, size) - guestOffset);
+    if (inside > 0) await discardRange(this.storage, guestOffset, inside);
+  }
+
+  async flush(): Promise<void> {
+    if (!this.storage.readOnly) await this.storage.flush();
+  }
+
+  async resize(newSize: number, options: ResizeOptions): Promise<void> {
+    if (newSize < this.virtualSize && !options.shrink) {
+      throw new UsageError('Use the --shrink option to perform a shrink operation.');
+    }
+    if (options.preallocation !== undefined && options.preallocation !== 'off') {
+      throw new UsageError(`Unsupported preallocation mode '${options.preallocation}' for a raw resize`);
+    }
+    await this.storage.truncate(newSize);
+    this.virtualSize = Math.ceil(newSize / RAW_SECTOR) * RAW_SECTOR;
+  }
+
   async close(): Promise<void> {
+    if (!this.storage.readOnly) await this.storage.flush();
     await this.storage.close();
   }
 }

@@ -1,0 +1,666 @@
+// The qcow2 write engine: guest writes with allocation and copy-on-write, zero writes, discards,
+// compressed writes, flush (the one routine that owns the metadata write order), resize.
+//
+// Order on storage (QEMU's cache dependencies, enforced by writeOut): data before the L2 entries
+// naming it; refcount blocks (increments) before the refcount table, the L2 tables and the L1;
+// L2 tables before the L1 entries naming them; a relocated table before the header naming it;
+// references dropped (L2/L1 written) before the refcounts are decremented.
+
+import type { Storage } from '../io/storage.js';
+import { QimgError, UnsupportedError, UsageError } from '../errors.js';
+import type { Qcow2Header } from './header.js';
+import { serializeHeader } from './header-write.js';
+import {
+  AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, SUBCLUSTERS_PER_CLUSTER, TWO_POW_32,
+} from './layout.js';
+import { decodeCompressed, standardHostOffset, type L2Geometry } from './l2-entry.js';
+import type { MetaCache } from './cache.js';
+import type { L1Table } from './l1.js';
+import type { Refcounts } from './allocator.js';
+import { getCodec } from './compression.js';
+import { clusterKind, ClusterKind, cowSpan, type ClusterPlan } from './cow.js';
+
+const COPIED_HI = 0x80000000;
+const COMPRESSED_HI = 0x40000000;
+/** Extended L2: all 32 subclusters read as zeros (zero bits are the bitmap's high word). */
+const ALL_ONES = 0xffffffff;
+/** Deferred frees above this many ranges are applied at the end of the operation. */
+const MAX_PENDING_FREES = 4096;
+
+/** What the generic layer gives a write: its own read (for copy-on-write) and whether a backing file exists. */
+export interface WriteIo {
+  readGuest(buf: Uint8Array, guestOffset: number): Promise<void>;
+  hasBacking: boolean;
+}
+
+/** The driver state the writer works on (Qcow2Driver implements it). */
+export interface WriterHost {
+  readonly storage: Storage;
+  readonly header: Qcow2Header;
+  readonly geometry: L2Geometry;
+  readonly clusterSize: number;
+  readonly l1: L1Table;
+  readonly l2Cache: MetaCache;
+  virtualSize: number;
+  dataFile(): Promise<Storage>;
+  /** Forgets decompressed clusters (the guest data changed). */
+  invalidateReadCaches(): void;
+}
+
+interface Entry {
+  hi: number;
+  lo: number;
+  bHi: number;
+  bLo: number;
+}
+
+export class Qcow2Writer {
+  private readonly d: WriterHost;
+  private readonly refcounts: Refcounts;
+  private readonly cs: number;
+  private readonly sc: number;
+  private readonly g: L2Geometry;
+  private lock: Promise<unknown> = Promise.resolve();
+  private started = false;
+  /** This writer set the dirty bit (lazy refcounts) and clears it on a clean close. */
+  private dirtySetHere = false;
+  private headerDirty = false;
+  private failed: unknown = null;
+
+  constructor(host: WriterHost, refcounts: Refcounts) {
+    this.d = host;
+    this.refcounts = refcounts;
+    this.g = host.geometry;
+    this.cs = host.clusterSize;
+    this.sc = this.g.extendedL2 ? this.cs / SUBCLUSTERS_PER_CLUSTER : this.cs;
+    refcounts.onFreed = (off) => host.l2Cache.discard(off);
+  }
+
+  /** Runs fn alone (writes are serialised; reads are not). */
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.lock.then(fn, fn);
+    this.lock = run.catch(() => undefined);
+    return run;
+  }
+
+  // ------------------------------------------------------------------ public operations
+
+  write(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+    return this.exclusive(async () => {
+      await this.begin();
+      await this.writeRange(offset, data, io);
+      await this.afterOp();
+    });
+  }
+
+  writeZeroes(offset: number, length: number, mayUnmap: boolean, io: WriteIo): Promise<void> {
+    return this.exclusive(async () => {
+      await this.begin();
+      await this.zeroRange(offset, length, mayUnmap, io);
+      await this.afterOp();
+    });
+  }
+
+  discard(offset: number, length: number, io: WriteIo): Promise<void> {
+    return this.exclusive(async () => {
+      // Without the zero flag (v2), discarding would expose the backing file (qcow2_co_pdiscard).
+      if (this.d.header.version < 3 && io.hasBacking) return;
+      const cs = this.cs;
+      const start = Math.ceil(offset / cs) * cs;
+      let end = Math.floor((offset + length) / cs) * cs;
+      // The partial last cluster counts when the range runs to the disk's end.
+      if (offset + length === this.d.virtualSize) end = this.d.virtualSize;
+      if (start >= end) return;
+      await this.begin();
+      await this.forClustersPerL2(start, end, (c, n) => this.discardClusters(c, n, io, false));
+      await this.afterOp();
+    });
+  }
+
+  /** Whole clusters compressed (the last may be partial at the disk's end); compression runs before the lock. */
+  async writeCompressed(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+    const cs = this.cs;
+    if (this.g.hasDataFile) throw new UnsupportedError('Compressed writes are not supported with an external data file');
+    if (offset % cs !== 0) throw new UsageError(`Compressed write at ${offset} is not cluster aligned`);
+    if (data.length % cs !== 0 && offset + data.length !== this.d.virtualSize) {
+      throw new UsageError(`Compressed write of ${data.length} bytes must cover whole clusters (or end at the disk's end)`);
+    }
+    const codec = await getCodec(this.d.header.compressionType === 1 ? 'zstd' : 'zlib');
+    const jobs: Promise<Uint8Array | null>[] = [];
+    for (let pos = 0; pos < data.length; pos += cs) {
+      let chunk = data.subarray(pos, Math.min(data.length, pos + cs));
+      if (chunk.length < cs) {
+        const padded = new Uint8Array(cs);
+        padded.set(chunk);
+        chunk = padded;
+      }
+      jobs.push(codec.compress(chunk, cs - 1));
+    }
+    const compressed = await Promise.all(jobs);
+    await this.exclusive(async () => {
+      await this.begin();
+      for (let k = 0; k < compressed.length; k++) {
+        const guest = offset + k * cs;
+        const plain = data.subarray(k * cs, Math.min(data.length, (k + 1) * cs));
+        const out = compressed[k];
+        if (out) await this.writeCompressedCluster(guest, out);
+        else await this.writeRange(guest, plain, io); // does not fit in cluster_size - 1: stored uncompressed
+      }
+      await this.afterOp();
+    });
+  }
+
+  flush(): Promise<void> {
+    return this.exclusive(async () => {
+      if (!this.started) return;
+      await this.writeOut();
+      await this.d.storage.flush();
+      const data = await this.d.dataFile();
+      if (data !== this.d.storage) await data.flush();
+    });
+  }
+
+  /** Flushes and, after a clean flush, clears the dirty bit this writer set (lazy refcounts). */
+  close(): Promise<void> {
+    return this.exclusive(async () => {
+      if (!this.started) return;
+      await this.writeOut();
+      const data = await this.d.dataFile();
+      if (data !== this.d.storage) await data.flush();
+      await this.d.storage.flush();
+      if (this.dirtySetHere) {
+        this.d.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+        await this.writeHeader();
+        await this.d.storage.flush();
+        this.dirtySetHere = false;
+      }
+    });
+  }
+
+  resize(newSize: number, shrink: boolean, io: WriteIo): Promise<void> {
+    return this.exclusive(async () => {
+      const old = this.d.virtualSize;
+      if (newSize % 512 !== 0) throw new UsageError('The new size must be a multiple of 512');
+      if (newSize === old) return;
+      if (newSize < old && !shrink) {
+        throw new UsageError('Use the --shrink option to perform a shrink operation.');
+      }
+      if (this.d.header.nbSnapshots > 0) {
+        throw new UnsupportedError(newSize < old ? "Can't resize an image which has snapshots" : "Can't resize an image which has snapshots");
+      }
+      await this.begin();
+      const g = this.g;
+      const span = this.cs * g.l2Entries;
+      if (newSize > old) {
+        const need = Math.ceil(newSize / span);
+        if (need > this.d.l1.size) await this.growL1(need);
+        this.d.virtualSize = newSize;
+        this.headerDirty = true;
+        // Bytes past the old end must read as zeros: the old last cluster's tail, and (with a
+        // backing file) everything the backing file would otherwise show.
+        const tailEnd = io.hasBacking ? newSize : Math.min(newSize, Math.ceil(old / this.cs) * this.cs);
+        if (tailEnd > old) await this.zeroRange(old, tailEnd - old, false, io);
+      } else {
+        const from = Math.ceil(newSize / this.cs) * this.cs;
+        if (from < old) {
+          await this.forClustersPerL2(from, old, (c, n) => this.discardClusters(c, n, io, true));
+        }
+        // L2 tables wholly past the end go too.
+        const keep = Math.ceil(newSize / span);
+        for (const l2 of this.d.l1.clearFrom(keep)) this.refcounts.freeLater(l2, this.cs);
+        this.d.virtualSize = newSize;
+        this.headerDirty = true;
+      }
+      this.d.invalidateReadCaches();
+      await this.writeOut();
+      await this.d.storage.flush();
+    });
+  }
+
+  // ------------------------------------------------------------------ state and write-out
+
+  /** First mutation: the header changes QEMU makes when it starts writing (lazy dirty bit, unknown autoclear bits). */
+  private async begin(): Promise<void> {
+    if (this.failed) throw this.failed;
+    this.d.invalidateReadCaches();
+    if (this.started) return;
+    this.started = true;
+    const h = this.d.header;
+    let rewrite = false;
+    if (h.version === 3) {
+      const known = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
+      if ((h.autoclearFeatures & ~known) !== 0n) {
+        // The spec: a writer must clear the autoclear bits it does not know.
+        h.autoclearFeatures &= known;
+        rewrite = true;
+      }
+      if ((h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n && (h.incompatibleFeatures & INCOMPAT_DIRTY) === 0n) {
+        h.incompatibleFeatures |= INCOMPAT_DIRTY;
+        this.dirtySetHere = true;
+        rewrite = true;
+      }
+    }
+    if (rewrite) {
+      await this.writeHeader();
+      await this.d.storage.flush();
+    }
+  }
+
+  private async afterOp(): Promise<void> {
+    if (this.d.l2Cache.overBound || this.refcounts.blocks.overBound || this.refcounts.pendingFrees > MAX_PENDING_FREES) {
+      await this.writeOut();
+    }
+  }
+
+  private async writeHeader(): Promise<void> {
+    const h = this.d.header;
+    await this.d.storage.write(serializeHeader({ ...h, size: Math.floor(h.size / 512) * 512 }), 0);
+  }
+
+  /** The one routine that writes metadata, in dependency order. */
+  private async writeOut(): Promise<void> {
+    try {
+      const h = this.d.header;
+      await this.refcounts.blocks.writeDirty();
+      await this.refcounts.writeTable(async (offset, clusters) => {
+        h.refcountTableOffset = offset;
+        h.refcountTableClusters = clusters;
+        await this.writeHeader();
+      });
+      await this.d.l2Cache.writeDirty();
+      await this.d.l1.writeOut(this.d.storage, async (offset, size) => {
+        h.l1TableOffset = offset;
+        h.l1Size = size;
+        if (this.d.virtualSize > h.size) h.size = this.d.virtualSize;
+        await this.writeHeader();
+      });
+      if (this.headerDirty || h.size !== this.d.virtualSize) {
+        h.size = this.d.virtualSize;
+        this.headerDirty = false;
+        await this.writeHeader();
+      }
+      if (this.refcounts.pendingFrees > 0) {
+        await this.refcounts.applyFrees();
+        await this.refcounts.blocks.writeDirty();
+      }
+    } catch (e) {
+      // Metadata in memory no longer matches the file in a known way: refuse further writes.
+      this.failed = e;
+      throw e;
+    }
+  }
+
+  // ------------------------------------------------------------------ L1 / L2
+
+  private async growL1(size: number): Promise<void> {
+    const l1 = this.d.l1;
+    const bytes = Math.ceil((size * 8) / this.cs) * this.cs;
+    const oldOffset = l1.offset;
+    const oldBytes = Math.ceil((l1.size * 8) / this.cs) * this.cs;
+    const wasOnDisk = !l1.relocated;
+    const newOffset = await this.refcounts.allocClusters(bytes / this.cs);
+    l1.grow(size, newOffset, this.cs);
+    if (oldBytes > 0 && oldOffset > 0) {
+      if (wasOnDisk) this.refcounts.freeLater(oldOffset, oldBytes);
+      else for (let k = 0; k < oldBytes / this.cs; k++) await this.refcounts.update(oldOffset / this.cs + k, -1);
+    }
+  }
+
+  /** The L2 table for l1Index, ready to be changed: allocated, or copied when shared (QEMU's l2_allocate). */
+  private async ensureL2(l1Index: number): Promise<{ offset: number; table: DataView }> {
+    const l1 = this.d.l1;
+    if (l1Index >= l1.size) throw new QimgError('FORMAT', `L1 index ${l1Index} is past the L1 table (${l1.size} entries)`);
+    const old = l1.l2Offset(l1Index);
+    if (old < 0 || old % this.cs !== 0) {
+      throw new QimgError('FORMAT', `L2 table offset 0x${old.toString(16)} unaligned (L1 index: 0x${l1Index.toString(16)})`);
+    }
+    if (old !== 0 && l1.copied(l1Index)) return { offset: old, table: await this.d.l2Cache.get(old) };
+    const offset = await this.refcounts.allocClusters(1);
+    let content: Uint8Array | undefined;
+    if (old !== 0) {
+      const t = await this.d.l2Cache.get(old);
+      content = new Uint8Array(t.buffer, t.byteOffset, this.cs).slice();
+    }
+    const table = this.d.l2Cache.install(offset, content);
+    l1.set(l1Index, offset, true);
+    if (old !== 0) this.refcounts.freeLater(old, this.cs);
+    return { offset, table };
+  }
+
+  /** The L2 table for l1Index if it exists (no allocation). */
+  private async peekL2(l1Index: number): Promise<DataView | null> {
+    const off = this.d.l1.l2Offset(l1Index);
+    return off > 0 ? this.d.l2Cache.get(off) : null;
+  }
+
+  private readEntry(table: DataView, idx: number): Entry {
+    const at = idx * this.g.entryBytes;
+    return {
+      hi: table.getUint32(at),
+      lo: table.getUint32(at + 4),
+      bHi: this.g.extendedL2 ? table.getUint32(at + 8) : 0,
+      bLo: this.g.extendedL2 ? table.getUint32(at + 12) : 0,
+    };
+  }
+
+  private writeEntry(table: DataView, idx: number, e: Entry): void {
+    const at = idx * this.g.entryBytes;
+    table.setUint32(at, e.hi);
+    table.setUint32(at + 4, e.lo);
+    if (this.g.extendedL2) {
+      table.setUint32(at + 8, e.bHi >>> 0);
+      table.setUint32(at + 12, e.bLo >>> 0);
+    }
+  }
+
+  /** A normal entry for host cluster `host` with COPIED set (refcount 1, or an external data file). */
+  private normalEntry(host: number, bHi = 0, bLo = 0): Entry {
+    return { hi: (Math.floor(host / TWO_POW_32) | COPIED_HI) >>> 0, lo: host >>> 0, bHi, bLo };
+  }
+
+  /** Drops the reference an old entry held (QEMU's qcow2_free_any_cluster), once the new entry is written. */
+  private freeAny(e: Entry): void {
+    if (e.hi & COMPRESSED_HI) {
+      const desc = decodeCompressed(this.g, e.hi, e.lo);
+      if (desc) {
+        const start = desc.hostOffset - (desc.hostOffset % 512);
+        this.refcounts.freeLater(start, desc.length + (desc.hostOffset % 512));
+      }
+      return;
+    }
+    if (this.g.hasDataFile) return; // data clusters of an external data file are not refcounted
+    const host = standardHostOffset(e.hi, e.lo);
+    if (host > 0) this.refcounts.freeLater(host, this.cs);
+  }
+
+  /** Calls fn(firstCluster, count) for each L2 table's share of the clusters in [start, end) (end may be the partial last cluster's end). */
+  private async forClustersPerL2(start: number, end: number, fn: (cluster: number, n: number) => Promise<void>): Promise<void> {
+    const cs = this.cs;
+    const per = this.g.l2Entries;
+    let c = Math.floor(start / cs);
+    const last = Math.ceil(end / cs);
+    while (c < last) {
+      const n = Math.min(last - c, per - (c % per));
+      await fn(c, n);
+      c += n;
+    }
+  }
+
+  // ------------------------------------------------------------------ data writes
+
+  private async writeRange(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+    const span = this.cs * this.g.l2Entries;
+    let pos = 0;
+    while (pos < data.length) {
+      const at = offset + pos;
+      const end = Math.min(offset + data.length, (Math.floor(at / span) + 1) * span);
+      await this.writeInL2(at, data.subarray(pos, end - offset), io);
+      pos = end - offset;
+    }
+  }
+
+  /** A write within one L2 table: plan each cluster, allocate new clusters contiguously, write data runs, link. */
+  private async writeInL2(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+    const cs = this.cs;
+    const g = this.g;
+    const l1Index = Math.floor(offset / (cs * g.l2Entries));
+    const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((offset + data.length - 1) / cs);
+    const plans: ClusterPlan[] = [];
+    let needAlloc = 0;
+    for (let c = first; c <= last; c++) {
+      const idx = c - l1Index * g.l2Entries;
+      const e = this.readEntry(table, idx);
+      const kind = clusterKind(g, e.hi, e.lo);
+      const oldHost = kind === ClusterKind.Normal || kind === ClusterKind.ZeroAlloc ? standardHostOffset(e.hi, e.lo) : 0;
+      const copied = (e.hi & COPIED_HI) !== 0;
+      const a = Math.max(offset, c * cs) - c * cs;
+      const b = Math.min(offset + data.length, (c + 1) * cs) - c * cs;
+      let host = -1;
+      if (g.hasDataFile) host = c * cs;
+      else if (oldHost > 0 && copied) host = oldHost;
+      else needAlloc++;
+      plans.push({ cluster: c, idx, a, b, kind, entry: e, inPlace: host >= 0, host, ws: 0, we: 0, bHi: 0, bLo: 0 });
+    }
+    let allocated = -1;
+    if (needAlloc > 0) {
+      allocated = await this.refcounts.allocClusters(needAlloc);
+      let next = allocated;
+      for (const p of plans) {
+        if (!p.inPlace) {
+          p.host = next;
+          next += cs;
+        }
+      }
+    }
+    try {
+      for (const p of plans) cowSpan(p, g, this.sc, Math.min(cs, this.d.virtualSize - p.cluster * cs));
+      await this.writeData(plans, offset, data, io);
+    } catch (e) {
+      // Nothing names the new clusters yet: give them back.
+      if (allocated >= 0) for (let k = 0; k < needAlloc; k++) await this.refcounts.update(allocated / cs + k, -1);
+      throw e;
+    }
+    for (const p of plans) {
+      const entry = this.normalEntry(p.host, p.bHi, p.bLo);
+      this.writeEntry(table, p.idx, entry);
+      if (!p.inPlace) this.freeAny(p.entry);
+    }
+    this.d.l2Cache.markDirty(l2Offset, table);
+  }
+
+  /** Writes the planned spans: clusters adjacent on the host with abutting spans go out as one write. */
+  private async writeData(plans: ClusterPlan[], offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+    const cs = this.cs;
+    const storage = await this.d.dataFile();
+    const writes: Promise<void>[] = [];
+    let i = 0;
+    while (i < plans.length) {
+      let j = i + 1;
+      while (j < plans.length && plans[j - 1]!.we === cs && plans[j]!.ws === 0 && plans[j]!.host === plans[j - 1]!.host + cs) j++;
+      const run = plans.slice(i, j);
+      const head = run[0]!;
+      const tail = run[run.length - 1]!;
+      const hostStart = head.host + head.ws;
+      const guestStart = head.cluster * cs + head.ws;
+      const length = (tail.cluster - head.cluster) * cs + tail.we - head.ws;
+      const noCow = run.every((p) => p.ws === p.a && p.we === p.b);
+      if (noCow) {
+        writes.push(storage.write(data.subarray(guestStart - offset, guestStart - offset + length), hostStart));
+      } else {
+        const buf = new Uint8Array(length);
+        const reads: Promise<void>[] = [];
+        for (const p of run) {
+          const base = p.cluster * cs - guestStart;
+          const vEnd = Math.min(cs, this.d.virtualSize - p.cluster * cs);
+          // Copy-on-write: what the guest reads there now (old data, backing file, zeros, decompressed).
+          if (p.ws < p.a) reads.push(io.readGuest(buf.subarray(base + p.ws, base + p.a), p.cluster * cs + p.ws));
+          const tailEnd = Math.min(p.we, vEnd);
+          if (p.b < tailEnd) reads.push(io.readGuest(buf.subarray(base + p.b, base + tailEnd), p.cluster * cs + p.b));
+        }
+        await Promise.all(reads);
+        for (const p of run) {
+          const base = p.cluster * cs - guestStart;
+          const from = p.cluster * cs + p.a - offset;
+          buf.set(data.subarray(from, from + p.b - p.a), base + p.a);
+        }
+        writes.push(storage.write(buf, hostStart));
+      }
+      i = j;
+    }
+    await Promise.all(writes);
+  }
+
+  // ------------------------------------------------------------------ compressed
+
+  private async writeCompressedCluster(guest: number, out: Uint8Array): Promise<void> {
+    const g = this.g;
+    const cs = this.cs;
+    const c = guest / cs;
+    const l1Index = Math.floor(c / g.l2Entries);
+    const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+    const idx = c - l1Index * g.l2Entries;
+    const e = this.readEntry(table, idx);
+    // As qcow2_alloc_compressed_cluster_offset: compression never overwrites an allocated cluster.
+    if (standardHostOffset(e.hi, e.lo) !== 0 || (e.hi & COMPRESSED_HI) !== 0) {
+      throw new QimgError('IO', `Could not write compressed cluster at ${guest}: Input/output error (the cluster is allocated)`);
+    }
+    const host = await this.refcounts.allocBytes(out.length);
+    try {
+      await this.d.storage.write(out, host);
+    } catch (err) {
+      for (let ci = Math.floor(host / cs); ci <= Math.floor((host + out.length - 1) / cs); ci++) await this.refcounts.update(ci, -1);
+      throw err;
+    }
+    const shift = 62 - (g.clusterBits - 8);
+    const sectors = Math.floor((host + out.length - 1) / 512) - Math.floor(host / 512);
+    const v = (1n << 62n) | (BigInt(sectors) << BigInt(shift)) | BigInt(host);
+    this.writeEntry(table, idx, { hi: Number(v >> 32n) >>> 0, lo: Number(v & 0xffffffffn) >>> 0, bHi: 0, bLo: 0 });
+    this.d.l2Cache.markDirty(l2Offset, table);
+  }
+
+  // ------------------------------------------------------------------ zeroes and discards
+
+  private async zeroRange(offset: number, length: number, mayUnmap: boolean, io: WriteIo): Promise<void> {
+    const cs = this.cs;
+    const end = offset + length;
+    const vsize = this.d.virtualSize;
+    const v3 = this.d.header.version >= 3;
+    let pos = offset;
+    while (pos < end) {
+      const c = Math.floor(pos / cs);
+      const cStart = c * cs;
+      const cEnd = Math.min(cStart + cs, vsize);
+      if (pos === cStart && end >= cEnd) {
+        // A run of whole clusters (the partial last cluster counts when the range reaches the end).
+        let stop = Math.floor(end / cs) * cs;
+        if (end >= vsize) stop = vsize;
+        if (v3) await this.forClustersPerL2(cStart, stop, (k, n) => this.zeroClusters(k, n, mayUnmap));
+        else if (!io.hasBacking) await this.forClustersPerL2(cStart, stop, (k, n) => this.discardClusters(k, n, io, false));
+        else await this.writeZeroData(cStart, stop - cStart, io);
+        pos = stop;
+        continue;
+      }
+      const partEnd = Math.min(end, cEnd);
+      await this.zeroPartial(c, pos - cStart, partEnd - cStart, io);
+      pos = partEnd;
+    }
+  }
+
+  private async writeZeroData(offset: number, length: number, io: WriteIo): Promise<void> {
+    const chunk = Math.max(this.cs, 1024 * 1024);
+    const zeros = new Uint8Array(Math.min(length, chunk));
+    for (let pos = 0; pos < length; pos += zeros.length) {
+      await this.writeRange(offset + pos, zeros.subarray(0, Math.min(zeros.length, length - pos)), io);
+    }
+  }
+
+  /** Zeroes [a, b) of cluster c: whole subclusters get zero bits (extended L2), the rest zero data unless it already reads as zeros. */
+  private async zeroPartial(c: number, a: number, b: number, io: WriteIo): Promise<void> {
+    const cs = this.cs;
+    const g = this.g;
+    const l1Index = Math.floor(c / g.l2Entries);
+    const idx = c - l1Index * g.l2Entries;
+    const peek = await this.peekL2(l1Index);
+    const e = peek ? this.readEntry(peek, idx) : { hi: 0, lo: 0, bHi: 0, bLo: 0 };
+    const kind = clusterKind(g, e.hi, e.lo);
+    const vEnd = Math.min(cs, this.d.virtualSize - c * cs);
+    if (kind === ClusterKind.ZeroPlain || kind === ClusterKind.ZeroAlloc) return;
+    if (kind === ClusterKind.Unallocated && !io.hasBacking && !g.extendedL2) return;
+    if (g.extendedL2 && this.d.header.version >= 3 && kind !== ClusterKind.Compressed) {
+      const sc = this.sc;
+      const s0 = Math.ceil(a / sc);
+      const s1 = b >= vEnd ? Math.ceil(b / sc) : Math.floor(b / sc);
+      if (kind === ClusterKind.Unallocated && !io.hasBacking && e.bLo === 0) return; // all subclusters read as zeros
+      if (s1 > s0) {
+        const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+        const cur = this.readEntry(table, idx);
+        const mask = rangeMask(s0, s1);
+        const next = { ...cur, bHi: (cur.bHi | mask) >>> 0, bLo: (cur.bLo & ~mask) >>> 0 };
+        if (next.bHi !== cur.bHi || next.bLo !== cur.bLo) {
+          this.writeEntry(table, idx, next);
+          this.d.l2Cache.markDirty(l2Offset, table);
+        }
+      }
+      // The unaligned ends of [a, b) in subclusters that are not already zero.
+      const cur = this.readEntry(await this.ensureL2(l1Index).then((t) => t.table), idx);
+      const isZeroSc = (s: number): boolean => ((cur.bHi >>> s) & 1) === 1;
+      const ranges: [number, number][] = s1 > s0 ? [[a, s0 * sc], [Math.min(b, s1 * sc), b]] : [[a, b]];
+      for (const [x, y] of ranges) {
+        if (y <= x) continue;
+        if (isZeroSc(Math.floor(x / sc)) && Math.floor(x / sc) === Math.floor((y - 1) / sc)) continue;
+        await this.writeRange(c * cs + x, new Uint8Array(y - x), io);
+      }
+      return;
+    }
+    await this.writeRange(c * cs + a, new Uint8Array(b - a), io);
+  }
+
+  /** QEMU's zero_in_l2_slice for n clusters from c (one L2 table): zero flag, unmapping with mayUnmap (and always for compressed). */
+  private async zeroClusters(c: number, n: number, mayUnmap: boolean): Promise<void> {
+    const g = this.g;
+    const l1Index = Math.floor(c / g.l2Entries);
+    const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+    let changed = false;
+    for (let k = 0; k < n; k++) {
+      const idx = c + k - l1Index * g.l2Entries;
+      const old = this.readEntry(table, idx);
+      const kind = clusterKind(g, old.hi, old.lo);
+      const allocated = kind === ClusterKind.Normal || kind === ClusterKind.Compressed || kind === ClusterKind.ZeroAlloc;
+      const unmap = kind === ClusterKind.Compressed || (mayUnmap && allocated);
+      const next: Entry = unmap ? { hi: 0, lo: 0, bHi: 0, bLo: 0 } : { ...old };
+      if (g.extendedL2) {
+        next.bHi = ALL_ONES;
+        next.bLo = 0;
+      } else {
+        next.lo = (next.lo | 1) >>> 0;
+      }
+      if (next.hi === old.hi && next.lo === old.lo && next.bHi === old.bHi && next.bLo === old.bLo) continue;
+      this.writeEntry(table, idx, next);
+      changed = true;
+      if (unmap) this.freeAny(old);
+    }
+    if (changed) this.d.l2Cache.markDirty(l2Offset, table);
+  }
+
+  /**
+   * QEMU's discard_in_l2_slice for n clusters from c: with `full` (shrinking) entries become
+   * unallocated; otherwise allocated clusters (or any, over a backing file) read as zeros after.
+   */
+  private async discardClusters(c: number, n: number, io: WriteIo, full: boolean): Promise<void> {
+    const g = this.g;
+    const l1Index = Math.floor(c / g.l2Entries);
+    if (this.d.l1.l2Offset(l1Index) === 0 && (full || !io.hasBacking)) return; // nothing allocated, nothing to hide
+    const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+    const v3 = this.d.header.version >= 3;
+    let changed = false;
+    for (let k = 0; k < n; k++) {
+      const idx = c + k - l1Index * g.l2Entries;
+      const old = this.readEntry(table, idx);
+      const kind = clusterKind(g, old.hi, old.lo);
+      const allocated = kind === ClusterKind.Normal || kind === ClusterKind.Compressed || kind === ClusterKind.ZeroAlloc;
+      let next: Entry = old;
+      if (full) next = { hi: 0, lo: 0, bHi: 0, bLo: 0 };
+      else if (io.hasBacking || allocated) {
+        if (g.extendedL2) next = { hi: 0, lo: 0, bHi: ALL_ONES, bLo: 0 };
+        else next = { hi: 0, lo: v3 ? 1 : 0, bHi: 0, bLo: 0 };
+      }
+      if (next.hi === old.hi && next.lo === old.lo && next.bHi === old.bHi && next.bLo === old.bLo) continue;
+      this.writeEntry(table, idx, next);
+      changed = true;
+      this.freeAny(old);
+      if (g.hasDataFile && kind === ClusterKind.Normal) {
+        const data = await this.d.dataFile();
+        if (data.discard) await data.discard((c + k) * this.cs, Math.min(this.cs, this.d.virtualSize - (c + k) * this.cs)).catch(() => undefined);
+      }
+    }
+    if (changed) this.d.l2Cache.markDirty(l2Offset, table);
+  }
+}
+
+/** Bits s0..s1-1 of a 32-bit subcluster bitmap. */
+export function rangeMask(s0: number, s1: number): number {
+  if (s1 - s0 >= 32) return ALL_ONES;
+  return (((1 << (s1 - s0)) - 1) << s0) >>> 0;
+}
