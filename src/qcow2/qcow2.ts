@@ -8,7 +8,7 @@ import { readFullZeroFill } from '../io/storage.js';
 import { FormatError, NotFoundError, QimgError, UnsupportedError } from '../errors.js';
 import { parseHeader, validateTable, type Qcow2Header } from './header.js';
 import {
-  AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+  AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
   MAX_L1_BYTES, SUBCLUSTERS_PER_CLUSTER, hex,
 } from './layout.js';
 import { SubclusterType, decodeCompressed, standardHostOffset, subclusterType, type L2Geometry } from './l2-entry.js';
@@ -17,6 +17,7 @@ import { L1Table } from './l1.js';
 import { Refcounts } from './allocator.js';
 import { Qcow2Writer } from './write.js';
 import { rebuildRefcounts } from './check.js';
+import { BitmapTracker } from './bitmaps-write.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshots.js';
 import { readBitmapDirectory } from './bitmaps.js';
 import { RefcountReader } from './refcount.js';
@@ -26,7 +27,6 @@ import { getCodec, type ClusterCodec } from './compression.js';
 const L2_CACHE_BYTES = 4 * 1024 * 1024;
 /** Writers keep more (dirty tables stay until the next write-out; QEMU's default is 32 MiB on Linux). */
 const L2_CACHE_BYTES_WRITABLE = 32 * 1024 * 1024;
-const BITMAP_FLAG_AUTO = 2;
 /** Decompressed clusters kept so that reads splitting a compressed cluster decompress it once. */
 const DECOMPRESSED_CACHE_CLUSTERS = 4;
 
@@ -61,7 +61,7 @@ export class Qcow2Driver implements FormatDriver {
   private metadataPreallocation: boolean | null = null;
 
   private constructor(storage: Storage, header: Qcow2Header, l1: L1Table, virtualSize: number,
-    snapshots: Qcow2Snapshot[], options: Qcow2OpenOptions, refcounts: Refcounts | null) {
+    snapshots: Qcow2Snapshot[], options: Qcow2OpenOptions, refcounts: Refcounts | null, bitmaps: BitmapTracker | null = null) {
     this.storage = storage;
     this.header = header;
     this.virtualSize = virtualSize;
@@ -81,7 +81,7 @@ export class Qcow2Driver implements FormatDriver {
     this.l1 = l1;
     this.l2Cache = new MetaCache(storage, this.clusterSize, refcounts ? L2_CACHE_BYTES_WRITABLE : L2_CACHE_BYTES, 2);
     this.openDataFileFn = options.openDataFile;
-    this.writer = refcounts ? new Qcow2Writer(this, refcounts) : null;
+    this.writer = refcounts ? new Qcow2Writer(this, refcounts, bitmaps) : null;
   }
 
   get readOnly(): boolean {
@@ -96,14 +96,6 @@ export class Qcow2Driver implements FormatDriver {
       const h = peek.header;
       if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) {
         throw new FormatError('qcow2: Image is corrupt; cannot be opened read/write', { corrupt: true });
-      }
-      if (h.bitmaps && h.bitmaps.nbBitmaps > 0) {
-        const bitmaps = await readBitmapDirectory(storage, h.bitmaps);
-        const auto = bitmaps.filter((b) => b.flags.includes('auto'));
-        void BITMAP_FLAG_AUTO;
-        if (auto.length > 0) {
-          throw new UnsupportedError(`Writing to images with enabled persistent bitmaps is not supported (bitmap '${auto[0]!.name}')`);
-        }
       }
       if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
         // As QEMU opening a dirty image writable: rebuild the refcounts from the metadata first.
@@ -168,17 +160,19 @@ export class Qcow2Driver implements FormatDriver {
     const l1Held = Math.max(0, Math.min(l1Size * 8, fileSize - l1Offset));
     let l1: L1Table;
     let refcounts: Refcounts | null = null;
+    let bitmaps: BitmapTracker | null = null;
     if (options.writable) {
       const l1Bytes = new Uint8Array(Math.ceil((l1Size * 8) / clusterSize) * clusterSize);
       await readFullZeroFill(storage, l1Bytes.subarray(0, l1Held), l1Offset);
       l1 = new L1Table(l1Bytes, l1Size, l1Offset);
       refcounts = await Refcounts.load(storage, clusterSize, header.refcountOrder, header.refcountTableOffset, header.refcountTableClusters);
+      if ((header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n) bitmaps = await BitmapTracker.load(storage, header.bitmaps, clusterSize);
     } else {
       const l1Bytes = new Uint8Array(Math.ceil(l1Held / 8) * 8);
       await readFullZeroFill(storage, l1Bytes, l1Offset);
       l1 = new L1Table(l1Bytes, Math.min(l1Size, l1Bytes.length / 8), l1Offset);
     }
-    return new Qcow2Driver(storage, header, l1, virtualSize, snapshots, options, refcounts);
+    return new Qcow2Driver(storage, header, l1, virtualSize, snapshots, options, refcounts, bitmaps);
   }
 
   get dirty(): boolean {

@@ -18,7 +18,9 @@ import type { MetaCache } from './cache.js';
 import type { L1Table } from './l1.js';
 import type { Refcounts } from './allocator.js';
 import { getCodec } from './compression.js';
+import { writeZeroesRange } from '../sparse/extents.js';
 import { clusterKind, ClusterKind, cowSpan, type ClusterPlan } from './cow.js';
+import type { BitmapTracker } from './bitmaps-write.js';
 
 const COPIED_HI = 0x80000000;
 const COMPRESSED_HI = 0x40000000;
@@ -67,9 +69,12 @@ export class Qcow2Writer {
   private headerDirty = false;
   private failed: unknown = null;
 
-  constructor(host: WriterHost, refcounts: Refcounts) {
+  private readonly bitmaps: BitmapTracker | null;
+
+  constructor(host: WriterHost, refcounts: Refcounts, bitmaps: BitmapTracker | null = null) {
     this.d = host;
     this.refcounts = refcounts;
+    this.bitmaps = bitmaps;
     this.g = host.geometry;
     this.cs = host.clusterSize;
     this.sc = this.g.extendedL2 ? this.cs / SUBCLUSTERS_PER_CLUSTER : this.cs;
@@ -88,6 +93,7 @@ export class Qcow2Writer {
   write(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
     return this.exclusive(async () => {
       await this.begin();
+      this.bitmaps?.note(offset, data.length);
       await this.writeRange(offset, data, io);
       await this.afterOp();
     });
@@ -96,6 +102,7 @@ export class Qcow2Writer {
   writeZeroes(offset: number, length: number, mayUnmap: boolean, io: WriteIo): Promise<void> {
     return this.exclusive(async () => {
       await this.begin();
+      this.bitmaps?.note(offset, length);
       await this.zeroRange(offset, length, mayUnmap, io);
       await this.afterOp();
     });
@@ -112,6 +119,7 @@ export class Qcow2Writer {
       if (offset + length === this.d.virtualSize) end = this.d.virtualSize;
       if (start >= end) return;
       await this.begin();
+      this.bitmaps?.note(start, end - start);
       await this.forClustersPerL2(start, end, (c, n) => this.discardClusters(c, n, io, false));
       await this.afterOp();
     });
@@ -139,6 +147,7 @@ export class Qcow2Writer {
     const compressed = await Promise.all(jobs);
     await this.exclusive(async () => {
       await this.begin();
+      this.bitmaps?.note(offset, data.length);
       for (let k = 0; k < compressed.length; k++) {
         const guest = offset + k * cs;
         const plain = data.subarray(k * cs, Math.min(data.length, (k + 1) * cs));
@@ -153,7 +162,7 @@ export class Qcow2Writer {
   flush(): Promise<void> {
     return this.exclusive(async () => {
       if (!this.started) return;
-      await this.writeOut();
+      await this.syncAndWriteOut();
       await this.d.storage.flush();
       const data = await this.d.dataFile();
       if (data !== this.d.storage) await data.flush();
@@ -164,10 +173,14 @@ export class Qcow2Writer {
   close(): Promise<void> {
     return this.exclusive(async () => {
       if (!this.started) return;
-      await this.writeOut();
+      await this.syncAndWriteOut();
       const data = await this.d.dataFile();
       if (data !== this.d.storage) await data.flush();
       await this.d.storage.flush();
+      if (this.bitmaps) {
+        await this.bitmaps.end();
+        await this.d.storage.flush();
+      }
       if (this.dirtySetHere) {
         this.d.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
         await this.writeHeader();
@@ -185,6 +198,7 @@ export class Qcow2Writer {
       if (newSize < old && !shrink) {
         throw new UsageError('Use the --shrink option to perform a shrink operation.');
       }
+      if (this.bitmaps?.hasBitmaps) throw new UnsupportedError("Can't resize an image with persistent bitmaps");
       if (this.d.header.nbSnapshots > 0) {
         throw new UnsupportedError(newSize < old ? "Can't resize an image which has snapshots" : "Can't resize an image which has snapshots");
       }
@@ -244,6 +258,14 @@ export class Qcow2Writer {
       await this.writeHeader();
       await this.d.storage.flush();
     }
+    await this.bitmaps?.begin();
+  }
+
+  /** Bitmap bits (their new data clusters), then the metadata write-out, then the bitmap tables naming the new clusters. */
+  private async syncAndWriteOut(): Promise<void> {
+    const writeTables = this.bitmaps ? await this.bitmaps.sync(this.refcounts) : null;
+    await this.writeOut();
+    if (writeTables) await writeTables();
   }
 
   private async afterOp(): Promise<void> {
@@ -524,6 +546,10 @@ export class Qcow2Writer {
 
   private async zeroRange(offset: number, length: number, mayUnmap: boolean, io: WriteIo): Promise<void> {
     const cs = this.cs;
+    if (this.g.hasDataFile && (this.d.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n) {
+      // A raw data file must stay the disk's image: zero it too (QEMU's data_file_is_raw case).
+      await writeZeroesRange(await this.d.dataFile(), offset, length);
+    }
     const end = offset + length;
     const vsize = this.d.virtualSize;
     const v3 = this.d.header.version >= 3;

@@ -318,3 +318,36 @@ describe('raw', () => {
     expect(got.subarray(MiB).every((b) => b === 0)).toBe(true);
   });
 });
+
+describe('persistent bitmaps stay consistent', () => {
+  it('enabled bitmaps get the dirty bits of every write; check stays clean; in_use cleared on close', async () => {
+    const { parseHeader } = await import('../../src/qcow2/header.js');
+    const { file, model } = await makeImage({ opts: 'cluster_size=65536', size: 64 * MiB, clusterSize: 65536 }, 'bitmap');
+    await qemuImg(['bitmap', '--add', '-g', '65536', file, 'b0']);
+    await qemuImg(['bitmap', '--add', '--disable', file, 'off']);
+    const { image } = await openImage(file, { readOnly: false });
+    await image.write(3 * 65536 + 100, new Uint8Array(10).fill(1));
+    model.fill(1, 3 * 65536 + 100, 3 * 65536 + 110);
+    await image.writeZeroes(40 * MiB, 3 * 65536);
+    await image.discard(50 * MiB, 65536);
+    await image.flush();
+    // While open the enabled bitmap is in use, as in QEMU.
+    let info = JSON.parse((await qemuImg(['info', '-U', '--output=json', file])).stdout);
+    expect(info['format-specific'].data.bitmaps.find((b: { name: string }) => b.name === 'b0').flags).toEqual(['in-use', 'auto']);
+    await image.close();
+    info = JSON.parse((await qemuImg(['info', '--output=json', file])).stdout);
+    const flags = Object.fromEntries(info['format-specific'].data.bitmaps.map((b: { name: string; flags: string[] }) => [b.name, b.flags]));
+    expect(flags).toEqual({ b0: ['auto'], off: [] });
+    await verify(file, model);
+    // Read b0's bits: granularity 64 KiB, one data cluster covers the whole 64 MiB disk.
+    const buf = readFileSync(file);
+    const h = parseHeader(new Uint8Array(buf.subarray(0, 65536)));
+    const dirOff = h.bitmaps!.directoryOffset;
+    const tableOff = Number(buf.readBigUInt64BE(dirOff) & 0x00fffffffffffe00n);
+    const dataOff = Number(buf.readBigUInt64BE(tableOff) & 0x00fffffffffffe00n);
+    expect(dataOff).toBeGreaterThan(0);
+    const set: number[] = [];
+    for (let bit = 0; bit < 1024; bit++) if (buf[dataOff + (bit >> 3)]! & (1 << (bit & 7))) set.push(bit);
+    expect(set).toEqual([3, 640, 641, 642, 800]);
+  });
+});
