@@ -198,9 +198,12 @@ export class Qcow2Writer {
       if (newSize < old && !shrink) {
         throw new UsageError('Use the --shrink option to perform a shrink operation.');
       }
-      if (this.bitmaps?.hasBitmaps) throw new UnsupportedError("Can't resize an image with persistent bitmaps");
-      if (this.d.header.nbSnapshots > 0) {
-        throw new UnsupportedError(newSize < old ? "Can't resize an image which has snapshots" : "Can't resize an image which has snapshots");
+      // QEMU 7.2 qcow2_co_truncate: v2 snapshots carry no disk size; bitmaps would need resizing on disk.
+      if (this.d.header.nbSnapshots > 0 && this.d.header.version < 3) {
+        throw new UnsupportedError("Can't resize a v2 image which has snapshots");
+      }
+      if (this.bitmaps?.hasBitmaps) {
+        throw new UnsupportedError('Cannot resize qcow2 with persistent bitmaps that were not loaded into memory');
       }
       await this.begin();
       const g = this.g;

@@ -253,6 +253,16 @@ describe('internal snapshots: shared clusters are copied on write', () => {
     await verify(file, model);
     const ref = new Uint8Array(await referenceRaw(file, { format: 'qcow2', snapshot: { name: 's1' } }));
     expect(Buffer.from(ref).equals(Buffer.from(snap))).toBe(true);
+    // v3 images with snapshots resize (the snapshot keeps its own size); shared clusters lose one reference.
+    const { image: again } = await openImage(file, { readOnly: false });
+    await again.resize(256 * KiB, { shrink: true });
+    await again.resize(2 * MiB);
+    await again.close();
+    const expected = new Uint8Array(2 * MiB);
+    expected.set(model.subarray(0, 256 * KiB));
+    await verify(file, expected);
+    const ref2 = new Uint8Array(await referenceRaw(file, { format: 'qcow2', snapshot: { name: 's1' } }));
+    expect(Buffer.from(ref2.subarray(0, MiB)).equals(Buffer.from(snap))).toBe(true);
   });
 });
 
