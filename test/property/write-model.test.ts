@@ -347,7 +347,7 @@ describe('qcow2 write engine against a byte model (qemu-img check + convert)', (
   });
 
   for (const g of GROUPS) {
-    it(`${g.clusterSize >= MiB ? `${g.clusterSize / MiB} MiB` : g.clusterSize >= KiB ? `${g.clusterSize / KiB} KiB` : `${g.clusterSize} B`} clusters: ${g.runs} random op sequences`, async () => {
+    it(`${g.clusterSize >= MiB ? `${g.clusterSize / MiB} MiB` : g.clusterSize >= KiB ? `${g.clusterSize / KiB} KiB` : `${g.clusterSize} B`} clusters: up to ${g.runs} random op sequences in ${g.budgetMs / 1000} s`, async () => {
       await engineProbe();
       const first: { message?: string } = {};
       try {
