@@ -1,6 +1,6 @@
 // Read-engine benchmark: qimg vs qemu-img on the same images in the same run.
 //
-//   npm run build && node bench/read.mjs [--runs 5] [--data-mb 1200] [--only qcow2,zlib,zstd,raw]
+//   npm run build && node bench/read.mjs [--runs 5] [--data-mb 1200] [--only qcow2,zlib,zstd,raw] [--cli dist/cli.js]
 //
 // Builds once (cached under bench/out/) a 2 GiB ext4 file system image filled from real files
 // (/usr/lib, /usr/share, /usr/bin, about 1.2 GB) with `mke2fs -t ext4 -d`, then qcow2 copies made
@@ -8,7 +8,10 @@
 // convert -O raw` and by `qemu-img convert -O raw`, alternating, runs times each after one warm-up
 // each, under /usr/bin/time -v (wall time and peak RSS). Also times an in-process whole-disk read
 // through the library (dist/index.js). Prints a table with ratios and writes
-// bench/out/results-read.json. Never part of the test run.
+// bench/out/results-read.json (with user/sys CPU seconds and the load average, since other work on
+// the machine skews wall times: compare the ratios of alternating runs). The target file is removed
+// before every run of either tool, so neither pays for the other's dirty pages. --cli benchmarks
+// another build of the CLI (e.g. a worktree with a proposed patch). Never part of the test run.
 
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -31,7 +34,7 @@ const RUNS = Number(opt('runs', 5));
 const DATA_BYTES = Number(opt('data-mb', 1200)) * 1e6;
 const ONLY = opt('only', 'qcow2,zlib,zstd,raw').split(',');
 
-const cli = path.join(root, 'dist', 'cli.js');
+const cli = path.resolve(opt('cli', path.join(root, 'dist', 'cli.js')));
 if (!existsSync(cli)) {
   console.error('dist/cli.js is missing: run `npm run build` first');
   process.exit(1);
@@ -124,9 +127,11 @@ function timed(cmd, cmdArgs) {
   if (r.status !== 0) throw new Error(`${cmd} ${cmdArgs.join(' ')} failed (${r.status}):\n${r.stderr}`);
   const wall = /Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)/.exec(r.stderr);
   const rss = /Maximum resident set size \(kbytes\): (\d+)/.exec(r.stderr);
-  if (!wall || !rss) throw new Error(`cannot parse /usr/bin/time output:\n${r.stderr}`);
+  const user = /User time \(seconds\): ([\d.]+)/.exec(r.stderr);
+  const sys = /System time \(seconds\): ([\d.]+)/.exec(r.stderr);
+  if (!wall || !rss || !user || !sys) throw new Error(`cannot parse /usr/bin/time output:\n${r.stderr}`);
   const seconds = Number(wall[1] ?? 0) * 3600 + Number(wall[2]) * 60 + Number(wall[3]);
-  return { seconds, rssKiB: Number(rss[1]) };
+  return { seconds, rssKiB: Number(rss[1]), user: Number(user[1]), sys: Number(sys[1]) };
 }
 
 /** Wall time measured here too (time -v has 10 ms resolution). */
@@ -134,7 +139,18 @@ function timedPrecise(cmd, cmdArgs) {
   const t0 = process.hrtime.bigint();
   const r = timed(cmd, cmdArgs);
   const t1 = process.hrtime.bigint();
-  return { seconds: Number(t1 - t0) / 1e9, rssKiB: r.rssKiB };
+  return { seconds: Number(t1 - t0) / 1e9, rssKiB: r.rssKiB, user: r.user, sys: r.sys };
+}
+
+/** Per-tool summary: all wall times, medians of wall/user/sys, peak RSS. */
+function toolEntry(runs) {
+  return {
+    seconds: runs.map((r) => r.seconds),
+    medianSeconds: median(runs.map((r) => r.seconds)),
+    medianUser: median(runs.map((r) => r.user)),
+    medianSys: median(runs.map((r) => r.sys)),
+    peakRssKiB: Math.max(...runs.map((r) => r.rssKiB)),
+  };
 }
 
 const median = (xs) => {
@@ -186,7 +202,7 @@ function benchConvert(name, image) {
 
 /** In-process whole-disk read through the library, 4 MiB at a time (no output file). */
 async function benchLibraryRead(name, image) {
-  const lib = await import(pathToFileURL(path.join(root, 'dist', 'index.js')).href);
+  const lib = await import(pathToFileURL(path.join(path.dirname(cli), 'index.js')).href);
   const times = [];
   for (let i = 0; i < RUNS; i++) {
     const { image: img } = await lib.openImage(image, { format: name === 'raw' ? 'raw' : 'qcow2' });
@@ -210,6 +226,8 @@ const results = {
   date: new Date().toISOString(),
   host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, node: process.version, qemuImg: execFileSync('qemu-img', ['--version'], { encoding: 'utf8' }).split('\n')[0] },
   runs: RUNS,
+  cli: path.relative(root, cli),
+  loadAverageAtStart: os.loadavg(),
   virtualSize,
   images: {},
 };
@@ -226,8 +244,8 @@ for (const name of ONLY) {
     file: path.relative(root, image),
     fileSize: statSync(image).size,
     identicalOutput: identical,
-    qimg: { seconds: res.qimg.map((r) => r.seconds), medianSeconds: q, peakRssKiB: Math.max(...res.qimg.map((r) => r.rssKiB)) },
-    qemuImg: { seconds: res['qemu-img'].map((r) => r.seconds), medianSeconds: e, peakRssKiB: Math.max(...res['qemu-img'].map((r) => r.rssKiB)) },
+    qimg: toolEntry(res.qimg),
+    qemuImg: toolEntry(res['qemu-img']),
     ratio: q / e,
     libraryRead: { seconds: lib, medianSeconds: median(lib), bytesPerSecond: virtualSize / median(lib) },
   };
@@ -239,17 +257,20 @@ for (const name of ONLY) {
     e.toFixed(2),
     `${entry.ratio.toFixed(2)}x`,
     (virtualSize / q / 2 ** 20).toFixed(0),
+    `${entry.qimg.medianUser.toFixed(2)}+${entry.qimg.medianSys.toFixed(2)}`,
+    `${entry.qemuImg.medianUser.toFixed(2)}+${entry.qemuImg.medianSys.toFixed(2)}`,
     (entry.qimg.peakRssKiB / 1024).toFixed(0),
     (entry.qemuImg.peakRssKiB / 1024).toFixed(0),
     (entry.libraryRead.bytesPerSecond / 2 ** 20).toFixed(0),
     identical ? 'yes' : 'NO',
   ]);
 }
-const header = ['image', 'file MiB', 'qimg s', 'qemu-img s', 'ratio', 'qimg MiB/s', 'qimg RSS MiB', 'qemu RSS MiB', 'lib read MiB/s', 'same out'];
+const header = ['image', 'file MiB', 'qimg s', 'qemu-img s', 'ratio', 'qimg MiB/s', 'qimg u+s', 'qemu u+s', 'qimg RSS MiB', 'qemu RSS MiB', 'lib read MiB/s', 'same out'];
 const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
 const line = (r) => r.map((c, i) => c.padStart(widths[i])).join('  ');
 console.log(`convert -O raw of a 2 GiB ext4 image, median of ${RUNS} alternating runs (${results.host.cpus} CPUs, ${results.host.node}, ${results.host.qemuImg})`);
 console.log(line(header));
 for (const r of rows) console.log(line(r));
+results.loadAverageAtEnd = os.loadavg();
 writeFileSync(path.join(out, 'results-read.json'), JSON.stringify(results, null, 2) + '\n');
 console.log(`results: ${path.relative(process.cwd(), path.join(out, 'results-read.json'))}`);

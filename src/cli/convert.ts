@@ -235,17 +235,18 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       // copy. Besides matching QEMU, the close matters for speed: ext4 flushes a file truncated to
       // zero on its next close (auto_da_alloc), which after the copy would wait for writeback of
       // the whole target; closing right after the truncation, with nothing dirty, is free.
+      let created: FileStorage;
       try {
-        const created = await FileStorage.open(outFilename, { readOnly: false, create: true });
-        try {
-          await created.truncate(0);
-          await created.truncate(convertTargetSize(images));
-        } finally {
-          await created.close();
-        }
+        created = await FileStorage.open(outFilename, { readOnly: false, create: true });
       } catch (e) {
         const why = errorText(e).replace(/^Could not open/, 'Could not create');
         throw new CliError(`${outFilename}: error while converting raw: ${why}`);
+      }
+      try {
+        await created.truncate(0);
+        await created.truncate(convertTargetSize(images));
+      } finally {
+        await created.close();
       }
       try {
         target = await FileStorage.open(outFilename, { readOnly: false });
