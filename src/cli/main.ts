@@ -10,6 +10,7 @@ import { cmdMap } from './map.js';
 import { cmdConvert } from './convert.js';
 import { cmdCreate } from './create.js';
 import { cmdCheck } from './check.js';
+import { cmdResize } from './resize.js';
 
 const VERSION: string = packageJson.version;
 
@@ -25,6 +26,7 @@ Command syntax:
   convert [-U] [-f fmt] [-O output_fmt] [-l snapshot_param] [-S sparse_size] [-m num] [-n] [-p | -q] filename [filename2 [...]] output_filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+  resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
   map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename
 
 Supported formats: qcow2 raw (convert writes raw)
@@ -38,6 +40,7 @@ const COMMANDS: Record<string, Command> = {
   create: cmdCreate,
   info: cmdInfo,
   map: cmdMap,
+  resize: cmdResize,
 };
 
 const MAIN_OPTIONS: OptionSpec[] = [
