@@ -99,7 +99,7 @@ export async function cmdResize(args: string[], ctx: CliContext, showHelp: () =>
       ]);
     }
     try {
-      await image.resize(total, { shrink, preallocation: prealloc as 'off' });
+      await image.resize(total, { shrink, preallocation: prealloc as 'off' | 'metadata' | 'falloc' | 'full' });
     } catch (e) {
       if (e instanceof QimgError) throw new CliError(e.message);
       throw e;

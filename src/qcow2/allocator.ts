@@ -223,6 +223,110 @@ export class Refcounts {
     this.dirtyHi = -1;
   }
 
+  /**
+   * qcow2_alloc_clusters_at: as many of n clusters from cluster `ci` as are free (stopping at the
+   * first used one), refcounted 1; returns how many (0 when `ci` is taken). The hint does not move.
+   */
+  async allocClustersAt(ci: number, n: number): Promise<number> {
+    if (n === 0) return 0;
+    for (;;) {
+      let free = 0;
+      while (free < n && (await this.refcount(ci + free)) === 0) free++;
+      if (free === 0) return 0;
+      // Refcount blocks first (one may land inside the run), then count again.
+      const t0 = Math.floor(ci / this.entriesPerBlock);
+      const t1 = Math.floor((ci + free - 1) / this.entriesPerBlock);
+      let changed = false;
+      for (let t = t0; t <= t1; t++) {
+        if (t >= this.tableEntries || this.blockOffset(t) === 0) {
+          await this.ensureBlock(t);
+          changed = true;
+        }
+      }
+      if (changed) continue;
+      for (let k = 0; k < free; k++) await this.update(ci + k, 1);
+      return free;
+    }
+  }
+
+  /** qcow2_get_last_cluster: the last cluster below fileSize with a nonzero refcount, or -1. */
+  async lastUsedCluster(fileSize: number): Promise<number> {
+    for (let ci = Math.ceil(fileSize / this.cs) - 1; ci >= 0; ci--) {
+      if ((await this.refcount(ci)) > 0) return ci;
+    }
+    return -1;
+  }
+
+  /** qcow2_refcount_metadata_size's refcount block count for `clusters` clusters (exact size). */
+  private refblockCount(clusters: number): number {
+    const perTableCluster = this.cs / 8;
+    let table = 0;
+    let blocks = 0;
+    let n = 0;
+    let last: number;
+    do {
+      last = n;
+      blocks = Math.ceil((clusters + table + blocks) / this.entriesPerBlock);
+      table = Math.ceil(blocks / perTableCluster);
+      n = clusters + blocks + table;
+    } while (n !== last);
+    return blocks;
+  }
+
+  /**
+   * QEMU's qcow2_refcount_area (exact size): new refcount blocks from cluster `start`, then a new
+   * refcount table after them, so that `additional` clusters from `start` on are covered; the new
+   * structures are refcounted by themselves. The table is written (and the header switched) by
+   * writeTable; the old table is freed after. Returns the first cluster past the new structures.
+   */
+  async refcountArea(start: number, additional: number): Promise<number> {
+    const total = this.refblockCount(start + additional);
+    const perCluster = this.cs / 8;
+    const tableSize = Math.ceil(total / perCluster) * perCluster;
+    if (tableSize * 8 > MAX_REFTABLE_BYTES) throw new QimgError('IO', 'Failed to resize refcount structures: File too large');
+    const areaIndex = Math.floor(start / this.entriesPerBlock);
+    const table = new Uint8Array(tableSize * 8);
+    table.set(this.table.subarray(0, Math.min(this.table.length, table.length)));
+    const view = new DataView(table.buffer);
+    const entry = (i: number): number => entryOffset(view.getUint32(i * 8), view.getUint32(i * 8 + 4));
+    let additionalBlocks = 0;
+    for (let i = areaIndex; i < total; i++) if (entry(i) === 0) additionalBlocks++;
+    const tableStart = start + additionalBlocks;
+    const end = tableStart + tableSize / perCluster;
+    let block = start;
+    for (let i = areaIndex; i < total; i++) {
+      let off = entry(i);
+      let rb: DataView;
+      if (off === 0) {
+        off = block++ * this.cs;
+        rb = this.blocks.install(off);
+        view.setUint32(i * 8, Math.floor(off / TWO_POW_32));
+        view.setUint32(i * 8 + 4, off >>> 0);
+      } else {
+        rb = await this.blocks.get(off);
+      }
+      const first = i * this.entriesPerBlock;
+      if (first < end) {
+        const j0 = first < start ? start - first : 0;
+        const j1 = Math.min(end - first, this.entriesPerBlock);
+        for (let j = j0; j < j1; j++) {
+          if (this.get(rb, j) !== 0) throw new FormatError(`Refcount area at cluster ${start} is not free (cluster ${first + j})`);
+          this.set(rb, j, 1);
+        }
+        this.blocks.markDirty(off, rb);
+      }
+    }
+    const old = { offset: this.tableOffset, clusters: this.tableClusters, onDisk: !this.relocated };
+    this.table = table;
+    this.tableView = view;
+    this.tableOffset = tableStart * this.cs;
+    this.tableClusters = tableSize / perCluster;
+    this.relocated = true;
+    if (old.onDisk) this.freeLater(old.offset, old.clusters * this.cs);
+    else for (let k = 0; k < old.clusters; k++) await this.update(old.offset / this.cs + k, -1);
+    return end;
+  }
+
   /** Drops one reference from every host cluster [offset, offset+length) touches, once the referrers are written. */
   freeLater(offset: number, length: number): void {
     this.pending.push([offset, length]);

@@ -75,7 +75,8 @@ export class L1Table {
   /** Writes the dirty entries (whole 512-byte sectors), or the whole relocated table and then the header. */
   async writeOut(storage: Storage, commit: (offset: number, size: number) => Promise<void>): Promise<void> {
     if (this.relocated) {
-      await storage.write(this.bytes, this.offset);
+      // As qcow2_grow_l1_table: exactly the entries in use (the rest of the cluster stays a hole).
+      await storage.write(this.bytes.subarray(0, Math.min(this.bytes.length, this.size * 8)), this.offset);
       this.relocated = false;
       await commit(this.offset, this.size);
     } else if (this.dirtyHi > this.dirtyLo) {

@@ -429,10 +429,11 @@ export class Qcow2Driver implements FormatDriver {
   }
 
   resize(newSize: number, options: { shrink?: boolean; preallocation?: string }, io: WriteIo): Promise<void> {
-    if (options.preallocation !== undefined && options.preallocation !== 'off') {
-      throw new UnsupportedError(`Unsupported preallocation mode '${options.preallocation}' for resize`);
+    const mode = options.preallocation ?? 'off';
+    if (mode !== 'off' && mode !== 'metadata' && mode !== 'falloc' && mode !== 'full') {
+      throw new UnsupportedError(`Unsupported preallocation mode '${mode}'`);
     }
-    return this.requireWriter().resize(newSize, options.shrink ?? false, io);
+    return this.requireWriter().resize(newSize, options.shrink ?? false, io, mode);
   }
 
   async close(): Promise<void> {

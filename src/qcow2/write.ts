@@ -19,6 +19,7 @@ import type { L1Table } from './l1.js';
 import type { Refcounts } from './allocator.js';
 import { getCodec } from './compression.js';
 import { writeZeroesRange } from '../sparse/extents.js';
+import { zeroBuffer } from '../io/zero.js';
 import { clusterKind, ClusterKind, cowSpan, type ClusterPlan } from './cow.js';
 import type { BitmapTracker } from './bitmaps-write.js';
 
@@ -28,6 +29,17 @@ const COMPRESSED_HI = 0x40000000;
 const ALL_ONES = 0xffffffff;
 /** Deferred frees above this many ranges are applied at the end of the operation. */
 const MAX_PENDING_FREES = 4096;
+/** QEMU's INT_MAX: preallocate_co handles at most this many bytes (cluster aligned) per allocation request. */
+const INT_MAX = 2 ** 31 - 1;
+/** QCOW2 request limit per allocation (QEMU's BDRV_REQUEST_MAX_BYTES). */
+const REQUEST_MAX_BYTES = Math.floor(INT_MAX / 512) * 512 - 4096 + 512;
+
+export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
+
+/** An optional storage capability: reserve space without writing (fallocate mode 0). */
+interface AllocatingStorage extends Storage {
+  allocate?(offset: number, length: number): Promise<void>;
+}
 
 /** What the generic layer gives a write: its own read (for copy-on-write) and whether a backing file exists. */
 export interface WriteIo {
@@ -190,7 +202,7 @@ export class Qcow2Writer {
     });
   }
 
-  resize(newSize: number, shrink: boolean, io: WriteIo): Promise<void> {
+  resize(newSize: number, shrink: boolean, io: WriteIo, preallocation: Preallocation = 'off'): Promise<void> {
     return this.exclusive(async () => {
       const old = this.d.virtualSize;
       if (newSize % 512 !== 0) throw new UsageError('The new size must be a multiple of 512');
@@ -211,12 +223,21 @@ export class Qcow2Writer {
       if (newSize > old) {
         const need = Math.ceil(newSize / span);
         if (need > this.d.l1.size) await this.growL1(need);
+        let mode = preallocation;
+        // As QEMU: a raw external data file keeps its L2 tables fully allocated.
+        if (mode === 'off' && g.hasDataFile && (this.d.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n) mode = 'metadata';
+        if (mode !== 'off') {
+          // qcow2_grow_l1_table writes the new table and frees the old one before anything else is allocated.
+          await this.writeOut();
+          if (mode === 'metadata' || g.hasDataFile) await this.preallocateMetadata(old, newSize, mode, io);
+          else await this.preallocateFile(old, newSize, mode, io);
+        }
         this.d.virtualSize = newSize;
         this.headerDirty = true;
         // Bytes past the old end must read as zeros: the old last cluster's tail, and (with a
         // backing file) everything the backing file would otherwise show.
         const tailEnd = io.hasBacking ? newSize : Math.min(newSize, Math.ceil(old / this.cs) * this.cs);
-        if (tailEnd > old) await this.zeroRange(old, tailEnd - old, false, io);
+        if (mode === 'off' && tailEnd > old) await this.zeroRange(old, tailEnd - old, false, io);
       } else {
         const from = Math.ceil(newSize / this.cs) * this.cs;
         if (from < old) {
@@ -232,6 +253,173 @@ export class Qcow2Writer {
       await this.writeOut();
       await this.d.storage.flush();
     });
+  }
+
+  // ------------------------------------------------------------------ preallocation (resize)
+
+  /**
+   * QEMU's preallocate_co over guest [offset, end): allocate L2 tables and data clusters as a write
+   * would (reusing COPIED clusters, new ones contiguous where free), copy-on-write the partial
+   * clusters' other bytes, link them, and extend the data file to the last allocated byte.
+   */
+  private async preallocateMetadata(offset: number, end: number, mode: Preallocation, io: WriteIo): Promise<void> {
+    const chunkMax = Math.floor(INT_MAX / this.cs) * this.cs;
+    let bytes = end - offset;
+    let hostOffset = 0;
+    let curBytes = 0;
+    while (bytes > 0) {
+      curBytes = Math.min(bytes, chunkMax);
+      const r = await this.allocHostOffset(offset, curBytes, io);
+      hostOffset = r.hostOffset;
+      curBytes = r.bytes;
+      bytes -= curBytes;
+      offset += curBytes;
+    }
+    const storage = await this.d.dataFile();
+    if (hostOffset + curBytes > (await storage.size())) {
+      await growFile(storage, hostOffset + curBytes, mode === 'metadata' ? 'off' : mode);
+    }
+  }
+
+  /** qcow2_alloc_host_offset + qcow2_handle_l2meta for one preallocation request (no guest data). */
+  private async allocHostOffset(offset: number, bytes: number, io: WriteIo): Promise<{ hostOffset: number; bytes: number }> {
+    const cs = this.cs;
+    const g = this.g;
+    const INV = -1;
+    let start = offset;
+    let remaining = bytes;
+    let clusterOffset = INV;
+    let hostOffset = INV;
+    let cur = 0;
+    const metas: { guest: number; alloc: number; n: number; headLen: number; cowFrom: number; cowTo: number }[] = [];
+    for (;;) {
+      if (hostOffset === INV && clusterOffset !== INV) hostOffset = clusterOffset;
+      start += cur;
+      remaining -= cur;
+      if (clusterOffset !== INV) clusterOffset += cur;
+      if (remaining === 0) break;
+      cur = remaining;
+      const guestCluster = Math.floor(start / cs);
+      const inCluster = start % cs;
+      const l1Index = Math.floor(guestCluster / g.l2Entries);
+      // handle_copied: the L2 table (allocated or un-shared first), then a cluster that may be written in place.
+      const { table } = await this.ensureL2(l1Index);
+      const idx = guestCluster - l1Index * g.l2Entries;
+      const e = this.readEntry(table, idx);
+      const kind = clusterKind(g, e.hi, e.lo);
+      const reusable = (kind === ClusterKind.Normal || kind === ClusterKind.ZeroAlloc) && (e.hi & COPIED_HI) !== 0;
+      if (reusable) {
+        const oldHost = g.hasDataFile ? guestCluster * cs : standardHostOffset(e.hi, e.lo);
+        if (clusterOffset !== INV && oldHost + inCluster !== clusterOffset) break;
+        clusterOffset = oldHost + inCluster;
+        cur = Math.min(cur, cs - inCluster);
+        continue;
+      }
+      // handle_alloc: up to the end of the L2 table, stopping before a cluster that can be reused.
+      let nb = Math.ceil((inCluster + cur) / cs);
+      nb = Math.min(nb, g.l2Entries - idx, Math.floor(REQUEST_MAX_BYTES / cs));
+      for (let k = 1; k < nb; k++) {
+        const ek = this.readEntry(table, idx + k);
+        const kk = clusterKind(g, ek.hi, ek.lo);
+        if ((kk === ClusterKind.Normal || kk === ClusterKind.ZeroAlloc) && (ek.hi & COPIED_HI) !== 0) {
+          nb = k;
+          break;
+        }
+      }
+      let alloc: number;
+      if (g.hasDataFile) {
+        alloc = guestCluster;
+      } else if (clusterOffset === INV) {
+        alloc = (await this.refcounts.allocClusters(nb)) / cs;
+      } else {
+        alloc = Math.floor(clusterOffset / cs);
+        nb = await this.refcounts.allocClustersAt(alloc, nb);
+      }
+      if (nb === 0) {
+        cur = 0;
+        break;
+      }
+      const nbBytes = Math.min(cur + inCluster, nb * cs);
+      cur = Math.min(cur, nbBytes - inCluster);
+      clusterOffset = alloc * cs + inCluster;
+      const cowFrom = inCluster + cur;
+      const sc = this.sc;
+      // Copy-on-write regions: the head of the first cluster (what the guest reads there now) and the tail past the request.
+      metas.push({ guest: guestCluster, alloc, n: nb, headLen: inCluster, cowFrom, cowTo: Math.ceil(cowFrom / sc) * sc });
+    }
+    const storage = await this.d.dataFile();
+    for (const m of metas) {
+      const headLen = m.headLen;
+      const host = m.alloc * cs;
+      // perform_cow: the start region from the guest's current view, the end region (past the disk) as zeros.
+      if (headLen > 0) {
+        const head = new Uint8Array(headLen);
+        await io.readGuest(head, m.guest * cs);
+        await storage.write(head, host);
+      }
+      if (m.cowTo > m.cowFrom) await storage.write(zeroBuffer(m.cowTo - m.cowFrom), host + m.cowFrom);
+      await this.linkClusters(m.guest, host, m.n);
+    }
+    return { hostOffset, bytes: bytes - remaining };
+  }
+
+  /** qcow2_alloc_cluster_link_l2 with prealloc: entries name the new clusters (extended L2 bitmaps stay); old references go. */
+  private async linkClusters(guestCluster: number, host: number, n: number): Promise<void> {
+    const g = this.g;
+    const l1Index = Math.floor(guestCluster / g.l2Entries);
+    const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+    for (let k = 0; k < n; k++) {
+      const idx = guestCluster + k - l1Index * g.l2Entries;
+      const old = this.readEntry(table, idx);
+      const next = g.hasDataFile ? this.normalEntry((guestCluster + k) * this.cs, old.bHi, old.bLo) : this.normalEntry(host + k * this.cs, old.bHi, old.bLo);
+      this.writeEntry(table, idx, next);
+      if (old.hi !== 0 || old.lo !== 0) {
+        if (!(g.hasDataFile && standardHostOffset(old.hi, old.lo) === (guestCluster + k) * this.cs)) this.freeAny(old);
+      }
+    }
+    this.d.l2Cache.markDirty(l2Offset, table);
+    // QEMU frees the old clusters at once (the next allocation may reuse them): write the tables that dropped them first.
+    if (this.refcounts.pendingFrees > 0) await this.writeOut();
+  }
+
+  /**
+   * The falloc/full branch of qcow2_co_truncate (no data file): refcount structures for the new
+   * area at the end of the used file, the data clusters right after them (also replacing the old
+   * partial last cluster), the file grown with the mode, then the L2 entries linked.
+   */
+  private async preallocateFile(old: number, newSize: number, mode: 'falloc' | 'full', io: WriteIo): Promise<void> {
+    const cs = this.cs;
+    const g = this.g;
+    const storage = this.d.storage;
+    const fileSize = await storage.size();
+    const last = await this.refcounts.lastUsedCluster(fileSize);
+    const oldFileClusters = last >= 0 ? last + 1 : Math.ceil(fileSize / cs);
+    const firstGuest = Math.floor(old / cs);
+    const nbData = Math.ceil(newSize / cs) - firstGuest;
+    const nbL2 = Math.ceil(nbData / g.l2Entries) + 1;
+    const allocationStart = await this.refcounts.refcountArea(oldFileClusters, nbData + nbL2);
+    // qcow2_refcount_area writes the new structures and switches the header at once; the old table is freed.
+    await this.writeOut();
+    const got = await this.refcounts.allocClustersAt(allocationStart, nbData);
+    if (got !== nbData) throw new QimgError('IO', 'Failed to allocate data clusters');
+    await growFile(storage, (allocationStart + nbData) * cs, mode);
+    let guest = firstGuest;
+    let host = allocationStart * cs;
+    let left = nbData;
+    let headLen = old % cs;
+    while (left > 0) {
+      const n = Math.min(left, g.l2Entries - (guest % g.l2Entries));
+      if (headLen > 0) {
+        const head = new Uint8Array(headLen);
+        await io.readGuest(head, guest * cs);
+        await storage.write(head, host);
+        headLen = 0;
+      }
+      await this.linkClusters(guest, host, n);
+      guest += n;
+      host += n * cs;
+      left -= n;
+    }
   }
 
   // ------------------------------------------------------------------ state and write-out
@@ -686,6 +874,24 @@ export class Qcow2Writer {
     }
     if (changed) this.d.l2Cache.markDirty(l2Offset, table);
   }
+}
+
+/** file-posix's truncate growing a file: falloc reserves (or writes zeros), full writes zeros, off extends sparsely. */
+async function growFile(storage: Storage, length: number, mode: Preallocation): Promise<void> {
+  const current = await storage.size();
+  if (length <= current) return;
+  if (mode === 'falloc') {
+    const s = storage as AllocatingStorage;
+    if (s.allocate) {
+      await s.allocate(current, length - current);
+      return;
+    }
+  }
+  if (mode === 'falloc' || mode === 'full') {
+    for (let pos = current; pos < length; pos += 1 << 20) await storage.write(zeroBuffer(Math.min(1 << 20, length - pos)), pos);
+    return;
+  }
+  await storage.truncate(length);
 }
 
 /** Bits s0..s1-1 of a 32-bit subcluster bitmap. */

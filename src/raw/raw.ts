@@ -5,9 +5,21 @@ import { discardRange, writeZeroesRange } from '../sparse/extents.js';
 import type { ImageInfo } from '../info.js';
 import type { Storage } from '../io/storage.js';
 import { UsageError } from '../errors.js';
+import { zeroBuffer } from '../io/zero.js';
 
 /** QEMU counts a raw disk in 512-byte sectors, rounding a file's size up: the tail reads as zeros. */
 export const RAW_SECTOR = 512;
+/** file-posix's MAX_BLOCKSIZE: allocate_first_block writes this much (or one sector for small files). */
+const MAX_BLOCKSIZE = 4096;
+
+/** An optional storage capability: reserve space without writing (fallocate mode 0). */
+interface AllocatingStorage extends Storage {
+  allocate?(offset: number, length: number): Promise<void>;
+}
+
+async function writeZeros(storage: Storage, offset: number, length: number): Promise<void> {
+  for (let pos = 0; pos < length; pos += 1 << 20) await storage.write(zeroBuffer(Math.min(1 << 20, length - pos)), offset + pos);
+}
 
 export class RawDriver implements FormatDriver {
   readonly format = 'raw' as const;
@@ -76,10 +88,33 @@ export class RawDriver implements FormatDriver {
     if (newSize < this.virtualSize && !options.shrink) {
       throw new UsageError('Use the --shrink option to perform a shrink operation.');
     }
-    if (options.preallocation !== undefined && options.preallocation !== 'off') {
-      throw new UsageError(`Unsupported preallocation mode '${options.preallocation}' for a raw resize`);
+    const mode = options.preallocation ?? 'off';
+    const current = await this.storage.size();
+    if (mode !== 'off' && current > newSize) throw new UsageError('Cannot use preallocation for shrinking files');
+    switch (mode) {
+      case 'off':
+        await this.storage.truncate(newSize);
+        // file-posix's allocate_first_block when an empty file grows (speeds up QEMU's alignment probing).
+        if (current === 0 && newSize > 0) await this.storage.write(zeroBuffer(newSize < MAX_BLOCKSIZE ? RAW_SECTOR : MAX_BLOCKSIZE), 0);
+        break;
+      case 'falloc': {
+        // posix_fallocate from the old end; without the capability, its own fallback (writing zeros).
+        const s = this.storage as AllocatingStorage;
+        if (s.allocate) {
+          if (newSize > current) await s.allocate(current, newSize - current);
+        } else {
+          await writeZeros(this.storage, current, newSize - current);
+        }
+        if (current === 0 && newSize > 0) await this.storage.write(zeroBuffer(newSize < MAX_BLOCKSIZE ? RAW_SECTOR : MAX_BLOCKSIZE), 0);
+        break;
+      }
+      case 'full':
+        await this.storage.truncate(newSize);
+        await writeZeros(this.storage, current, newSize - current);
+        break;
+      default:
+        throw new UsageError(`Unsupported preallocation mode: ${mode as string}`);
     }
-    await this.storage.truncate(newSize);
     this.virtualSize = Math.ceil(newSize / RAW_SECTOR) * RAW_SECTOR;
   }
 
