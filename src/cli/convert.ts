@@ -1,4 +1,8 @@
-// qimg convert: qemu-img 7.2's img_convert for raw targets.
+// qimg convert: qemu-img 7.2's img_convert for raw and qcow2 targets.
+//
+// Beyond qemu-img: --progress=json prints machine-readable progress on stderr (JSON lines), and
+// SIGINT stops the copy cleanly: no new requests, those in flight finish, the target is flushed and
+// closed (a qcow2 target stays consistent), and qimg exits with status 130.
 
 import { stat } from 'node:fs/promises';
 import type { Image } from '../image.js';
@@ -6,10 +10,12 @@ import type { Storage } from '../io/storage.js';
 import { FileStorage } from '../io/file.js';
 import { NotFoundError } from '../errors.js';
 import { openImage, type OpenedImage } from '../open.js';
-import { convert, convertTargetSize } from '../convert/convert.js';
+import { createImage, type CreateImageOptions } from '../create.js';
+import { convert, convertTargetSize, type ConvertOptions } from '../convert/convert.js';
 import { getopt, type OptionSpec } from './getopt.js';
 import { CliError, cvtnum, errorText, openForCli, usageError, type CliContext } from './common.js';
-import { Progress } from './progress.js';
+import { parseCreateOptions } from './options.js';
+import { JsonProgress, Progress } from './progress.js';
 
 const OPTIONS: OptionSpec[] = [
   { key: 'help', short: 'h', long: 'help', hasArg: false },
@@ -38,7 +44,14 @@ const OPTIONS: OptionSpec[] = [
   { key: 'm', short: 'm', hasArg: true },
   { key: 'W', short: 'W', hasArg: false },
   { key: 'r', short: 'r', hasArg: true },
+  // qimg's own: --progress=json (JSON lines on stderr) or --progress=human (as -p).
+  { key: 'progress', long: 'progress', hasArg: true },
 ];
+
+/** Exit status after SIGINT stopped a convert (the shell's 128 + SIGINT, what a killed qemu-img yields). */
+export const INTERRUPTED_EXIT = 130;
+
+const KNOWN_ELSEWHERE = new Set(['vmdk', 'vdi', 'vhdx', 'vpc', 'qed', 'qcow', 'luks', 'parallels', 'bochs', 'cloop', 'dmg']);
 
 const MAX_BUF_SECTORS = 32768;
 const MAX_COROUTINES = 16;
@@ -108,6 +121,9 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
   let minSparse = 4096;
   let explicitMinSparse = false;
   let progress = false;
+  let jsonProgress = false;
+  let backingFmt: string | undefined;
+  let outOfOrder = false;
   let quiet = false;
   let skipCreate = false;
   let parallel = 8;
@@ -125,7 +141,7 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       case 'B': outBaseImg = o.value; break;
       case 'C': copyRange = true; break;
       case 'c': compressed = true; break;
-      case 'F': break; // backing format: only meaningful with -B, which raw rejects
+      case 'F': backingFmt = o.value; break;
       case 'o': createOptions.push(o.value!); break;
       case 'l':
         if (o.value!.startsWith('snapshot.')) snapshotOpts = parseSnapshotOpts(o.value!);
@@ -159,7 +175,12 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         parallel = v;
         break;
       }
-      case 'W': break; // out-of-order writes: qimg's writes go to distinct offsets either way
+      case 'W': outOfOrder = true; break;
+      case 'progress':
+        if (o.value === 'json') jsonProgress = true;
+        else if (o.value === 'human') progress = true;
+        else throw new CliError(`Invalid progress format '${o.value}' (expected 'json' or 'human')`);
+        break;
       case 'r': cvtnum('rate limit', o.value!); break; // accepted, not enforced
       case 'object': throw new CliError('--object is not supported by qimg');
       case 'image-opts': throw new CliError('--image-opts is not supported by qimg');
@@ -192,10 +213,21 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
   if (quiet) progress = false;
   const meter = new Progress(progress ? ctx.stdout : null);
   meter.print(0, 100);
+  const json = jsonProgress ? new JsonProgress(ctx.stderr) : null;
 
   const images: Image[] = [];
   let target: Storage | null = null;
+  let targetImage: Image | null = null;
   let ok = false;
+  const abort = new AbortController();
+  let interrupted = false;
+  const onSigint = (): void => {
+    // A second SIGINT does not wait for the clean stop.
+    if (interrupted) process.exit(INTERRUPTED_EXIT);
+    interrupted = true;
+    abort.abort();
+  };
+  process.on('SIGINT', onSigint);
   try {
     for (const name of sourceNames) {
       images.push((await openForCli(name, fmt)).image);
@@ -206,31 +238,69 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       }
       images[0] = await loadSnapshot(images[0]!, sourceNames[0]!, fmt, snapshotOpts, snapshotName);
     }
+    const totalSize = convertTargetSize(images);
+    let createOpts: CreateImageOptions | null = null;
+    let backingFile = outBaseImg;
     if (!skipCreate) {
-      if (outFmt === 'qcow2') throw new CliError('qimg cannot write qcow2 images yet (convert -O qcow2)');
-      if (outFmt !== 'raw') throw new CliError(`Unknown file format '${outFmt}'`);
-      checkRawCreateOptions(createOptions);
-      if (outBaseImg !== undefined) throw new CliError("Backing file not supported for file format 'raw'");
-    }
-    if (compressed) throw new CliError('Compression not supported for this file format');
-    if (bitmaps) throw new CliError('Source lacks bitmap support');
-    if (dstCache !== undefined && !CACHE_MODES.has(dstCache)) throw new CliError(`Invalid cache option: ${dstCache}`);
-
-    if (skipCreate) {
-      if (outFmt !== 'raw') throw new CliError(`qimg cannot write ${outFmt} images yet (convert -n -O ${outFmt})`);
-      try {
-        target = await FileStorage.open(outFilename, { readOnly: false });
-      } catch (e) {
-        throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
+      if (outFmt !== 'raw' && outFmt !== 'qcow2') {
+        if (KNOWN_ELSEWHERE.has(outFmt!)) throw new CliError(`qimg does not support the '${outFmt}' format`);
+        throw new CliError(`Unknown file format '${outFmt}'`);
       }
-    } else {
+      if (outFmt === 'raw') {
+        checkRawCreateOptions(createOptions);
+        if (outBaseImg !== undefined) throw new CliError("Backing file not supported for file format 'raw'");
+      } else {
+        const parsed = parseCreateOptions('qcow2', createOptions.length ? createOptions.join(',') : undefined);
+        createOpts = { ...(parsed.options as CreateImageOptions), format: 'qcow2', size: totalSize, unsafe: true };
+        // -B and -F take the place of -o backing_file / backing_fmt (add_old_style_options).
+        if (outBaseImg !== undefined) createOpts.backingFile = outBaseImg;
+        if (backingFmt !== undefined) createOpts.backingFormat = backingFmt;
+        backingFile = createOpts.backingFile;
+      }
+    }
+    const targetHasBacking = backingFile !== undefined;
+    if (targetIsZero && targetHasBacking) {
+      throw new CliError('Cannot use --target-is-zero when the destination image has a backing file');
+    }
+    if (srcNum > 1 && targetHasBacking) {
+      throw new CliError('Having a backing file for the target makes no sense when concatenating multiple input images');
+    }
+    if (createOpts && createOpts.backingFile !== undefined && createOpts.backingFormat === undefined) {
+      throw new CliError('Use of backing file requires explicit backing format');
+    }
+    if (compressed && !skipCreate) {
+      if (outFmt === 'raw') throw new CliError('Compression not supported for this file format');
+      if (createOpts?.preallocation !== undefined && createOpts.preallocation !== 'off') {
+        throw new CliError('Compression and preallocation not supported at the same time');
+      }
+    }
+    if (bitmaps) {
+      if (srcNum > 1) throw new CliError('Copying bitmaps only possible with single source');
+      throw new CliError('Source lacks bitmap support');
+    }
+
+    if (!skipCreate) {
       // Creating the target truncates it: never when it is one of the files being read (QEMU's
       // image locking refuses this the same way).
       if (await isInUse(outFilename, images)) {
         throw new CliError([
-          `${outFilename}: error while converting raw: Failed to get "write" lock`,
+          `${outFilename}: error while converting ${outFmt}: Failed to get "write" lock`,
         ], { trailer: `Is another process using the image [${outFilename}]?` });
       }
+    }
+    if (dstCache !== undefined && !CACHE_MODES.has(dstCache)) throw new CliError(`Invalid cache option: ${dstCache}`);
+
+    // The fast path: a raw file written as bytes, in any order.
+    const rawFast = outFmt === 'raw' && !targetHasBacking;
+    if (!skipCreate && outFmt === 'qcow2') {
+      // bdrv_create: no "Formatting" line, the backing file is not opened (a missing one fails
+      // when the target is opened next).
+      try {
+        await createImage(outFilename, createOpts!);
+      } catch (e) {
+        throw new CliError(`${outFilename}: error while converting qcow2: ${errorText(e)}`);
+      }
+    } else if (!skipCreate) {
       // As qemu-img: create (empty and size) the target, close it, then open it again for the
       // copy. Besides matching QEMU, the close matters for speed: ext4 flushes a file truncated to
       // zero on its next close (auto_da_alloc), which after the copy would wait for writeback of
@@ -244,32 +314,96 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       }
       try {
         await created.truncate(0);
-        await created.truncate(convertTargetSize(images));
+        await created.truncate(totalSize);
       } finally {
         await created.close();
       }
+    }
+    if (rawFast) {
       try {
         target = await FileStorage.open(outFilename, { readOnly: false });
       } catch (e) {
         throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
       }
+      if (compressed) throw new CliError('Compression not supported for this file format');
+      if (skipCreate && (await target.size()) < totalSize) throw new CliError('output file is smaller than input file');
+    } else {
+      if (outFmt !== 'raw' && outFmt !== 'qcow2') {
+        if (KNOWN_ELSEWHERE.has(outFmt!)) throw new CliError(`qimg does not support the '${outFmt}' format`);
+        throw new CliError(`Unknown driver '${outFmt}'`);
+      }
+      try {
+        targetImage = (await openImage(outFilename, { readOnly: false, format: outFmt })).image;
+      } catch (e) {
+        throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
+      }
+      if (compressed && targetImage.format !== 'qcow2') throw new CliError('Compression not supported for this file format');
+      if (skipCreate && targetImage.virtualSize < totalSize) throw new CliError('output file is smaller than input file');
     }
-    await convert(images, target, {
+
+    const copyOptions: ConvertOptions = {
       minSparse,
       parallel,
-      // A created target is already sized and reads as zeros.
-      existing: true,
-      targetIsZero: skipCreate ? targetIsZero : true,
-      ...(progress ? { onProgress: ({ done, total }) => meter.print((100 * done) / total, 0) } : {}),
-    });
+      signal: abort.signal,
+      ...(progress || json
+        ? {
+            onProgress: ({ done, total }) => {
+              if (progress) meter.print((100 * done) / total, 0);
+              json?.progress(done, total);
+            },
+          }
+        : {}),
+    };
+    try {
+      if (target) {
+        // A created target is already sized and reads as zeros.
+        await convert(images, target, { ...copyOptions, existing: true, targetIsZero: skipCreate ? targetIsZero : true });
+      } else {
+        await convert(images, targetImage!, {
+          ...copyOptions,
+          existing: skipCreate,
+          targetIsZero,
+          compress: compressed,
+          targetHasBacking,
+          outOfOrder,
+        });
+      }
+    } catch (e) {
+      if (interrupted && e instanceof Error && e.name === 'AbortError') {
+        // In-flight requests have finished; the finally below flushes and closes the target.
+        throw new CliError('convert interrupted by SIGINT; the target was flushed and closed but is incomplete', {
+          exitCode: INTERRUPTED_EXIT,
+        });
+      }
+      throw e;
+    }
     ok = true;
   } finally {
+    process.off('SIGINT', onSigint);
     if (ok) meter.print(100, 0);
     meter.end();
     if (target) await target.close().catch(() => undefined);
+    if (targetImage) {
+      const closing = targetImage.close();
+      if (ok) await closing;
+      else await closing.catch(() => undefined);
+      if (ok && compressed) await alignFileEnd(outFilename);
+    }
     for (const image of images) await image.close().catch(() => undefined);
   }
+  json?.finish();
   return 0;
+}
+
+/** After compressed writes qemu-img rounds the image file up to whole sectors (a zero-length compressed write). */
+async function alignFileEnd(path: string): Promise<void> {
+  const file = await FileStorage.open(path, { readOnly: false });
+  try {
+    const size = await file.size();
+    if (size % 512 !== 0) await file.truncate(Math.ceil(size / 512) * 512);
+  } finally {
+    await file.close();
+  }
 }
 
 /** True when `path` is the same file as one any source image (or its backing chain) reads. */

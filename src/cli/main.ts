@@ -23,13 +23,19 @@ Disk image utility (qcow2 and raw), speaking qemu-img's command line
 
 Command syntax:
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
-  convert [-U] [-f fmt] [-O output_fmt] [-l snapshot_param] [-S sparse_size] [-m num] [-n] [-p | -q] filename [filename2 [...]] output_filename
+  convert [-U] [-c] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-m num] [-W] [--target-is-zero] [-n] [-p | -q] [--progress=json] filename [filename2 [...]] output_filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
   map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename
 
-Supported formats: qcow2 raw (convert writes raw)
+Supported formats: qcow2 raw
+
+convert --progress=json prints one JSON object per line on stderr:
+  {"type":"progress","done":<bytes>,"total":<bytes>,"percent":<0-100>} ... {"type":"done"}
+  (done/total count the source's data bytes, as -p does; --progress=human is -p).
+convert stops cleanly on SIGINT: writes in flight finish, the target is flushed and closed
+  (consistent but incomplete), exit status 130.
 `;
 
 type Command = (args: string[], ctx: CliContext, showHelp: () => number) => Promise<number>;

@@ -40,3 +40,40 @@ export class Progress {
     }
   }
 }
+
+/**
+ * qimg's --progress=json: one JSON object per line on stderr,
+ * {"type":"progress","done":<bytes>,"total":<bytes>,"percent":<0..100>} (the first request, then
+ * at most every 100 ms, and always a last one at 100%; bytes are data bytes handed to copy requests, as
+ * qemu-img counts its progress), and {"type":"done"} after a successful convert.
+ */
+export class JsonProgress {
+  private last = -Infinity;
+  private lastDone = -1;
+  private lastTotal = 0;
+
+  constructor(private readonly out: CliOutput, private readonly intervalMs = 100) {}
+
+  progress(done: number, total: number): void {
+    this.lastTotal = total;
+    const now = performance.now();
+    const finished = done >= total;
+    if (!finished && now - this.last < this.intervalMs) return;
+    if (finished && done === this.lastDone && total !== 0) return;
+    this.last = now;
+    this.lastDone = done;
+    const percent = total > 0 ? Math.round((10000 * done) / total) / 100 : 100;
+    this.write({ type: 'progress', done, total, percent });
+  }
+
+  /** The last progress line (100%) if not printed yet, then {"type":"done"}. */
+  finish(): void {
+    if (this.lastDone !== this.lastTotal) this.progress(this.lastTotal, this.lastTotal);
+    this.write({ type: 'done' });
+  }
+
+  private write(event: object): void {
+    this.out.write(`${JSON.stringify(event)}\n`);
+    this.out.flush?.();
+  }
+}

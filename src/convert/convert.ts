@@ -1,8 +1,13 @@
-// Block-status-driven copy of one image (or several, concatenated) to a raw target storage, as
-// qemu-img convert -O raw does it: zero and unallocated ranges are never read and become holes,
-// data is read in large requests with several in flight, and zero runs inside data are not written.
+// Block-status-driven copy of one image (or several, concatenated), as qemu-img 7.2's convert does
+// it (convert_iteration_sectors / convert_co_do_copy / convert_co_write): zero and unallocated
+// ranges are never read, data is read in large requests with several in flight, and zero runs
+// inside data are not written. Two kinds of target:
+// - a raw Storage (the fast path: zero ranges become holes, writes go out in any order);
+// - an Image opened writable (qcow2 or raw): writes in guest order unless `outOfOrder` (qemu-img's
+//   rule: a request waits until the previous one is written), optional per-cluster compression,
+//   and a target backing file (qemu-img -B: ranges unallocated in the source's top stay unallocated).
 
-import type { Image } from '../image.js';
+import { Image } from '../image.js';
 import type { Storage } from '../io/storage.js';
 import { writeZeroBytes } from '../io/zero.js';
 import { UsageError } from '../errors.js';
@@ -43,9 +48,31 @@ export interface ConvertOptions {
   onProgress?: (progress: ConvertProgress) => void;
   /** Alignment of block-status runs in bytes (default: each source's cluster size, or 512). */
   alignment?: number;
+  /**
+   * Stops the copy when aborted: no new requests are issued, those in flight finish, then
+   * convert rejects with an error named 'AbortError' (the caller still flushes and closes the target).
+   */
+  signal?: AbortSignal;
+
+  // Image targets only.
+  /**
+   * Write every data cluster compressed (qemu-img -c; qcow2 targets). All-zero clusters are not
+   * written; a cluster whose compressed form does not fit in cluster_size - 1 bytes is stored
+   * uncompressed (by the engine).
+   */
+  compress?: boolean;
+  /**
+   * The target has a backing file that reads like the source's backing (qemu-img -B): only ranges
+   * allocated in the top image of each source are copied; unallocated ones stay unallocated in the
+   * target, and zeros are written explicitly as zero clusters.
+   */
+  targetHasBacking?: boolean;
+  /** Issue writes as soon as their data is read instead of in guest order (qemu-img -W). */
+  outOfOrder?: boolean;
 }
 
-type ChunkStatus = 'data' | 'zero';
+/** `data`: read and write; `zero`: reads as zeros; `backing`: leave the target unallocated (-B). */
+type ChunkStatus = 'data' | 'zero' | 'backing';
 
 interface Chunk {
   sector: number;
@@ -76,12 +103,20 @@ class ChunkPlanner {
     private readonly totalSectors: number,
     private readonly bufSectors: number,
     private readonly zeroAsData: boolean,
+    private readonly mode: PlannerMode = DEFAULT_MODE,
   ) {}
 
   async next(): Promise<Chunk | null> {
     const sector = this.sector;
     if (sector >= this.totalSectors) return null;
     let n = Math.min(this.totalSectors - sector, REQUEST_MAX_SECTORS);
+    const { targetHasBacking, targetBackingSectors, clusterSectors } = this.mode;
+    let postBackingZero = false;
+    if (targetBackingSectors >= 0) {
+      // Past the target's backing file, zeros need not be written (the target reads zeros there).
+      if (sector >= targetBackingSectors) postBackingZero = true;
+      else if (sector + n > targetBackingSectors) n = targetBackingSectors - sector;
+    }
     if (this.nextStatus <= sector) {
       const part = this.parts.find((p) => sector < p.start + p.sectors)!;
       const local = sector - part.start;
@@ -89,26 +124,56 @@ class ChunkPlanner {
       // The image's end may not be sector aligned: the last sector's tail reads as zeros.
       const offset = local * SECTOR;
       const bytes = Math.min(want * SECTOR, part.image.virtualSize - offset);
-      let zero: boolean;
+      let status: ChunkStatus;
       if (bytes > 0) {
-        const st = await part.image.blockStatusAt(offset, bytes);
-        n = Math.ceil(st.length / SECTOR);
-        zero = st.zero;
+        const image = part.image;
+        const backing = image.backing;
+        let top: Awaited<ReturnType<Image['driver']['getMapping']>> | null = null;
+        if (targetHasBacking && backing) top = await image.driver.getMapping(offset, bytes);
+        if (top && top.kind === 'unallocated' && offset < backing!.virtualSize) {
+          // Block status above the source's backing file: unallocated in the top image.
+          n = Math.ceil(Math.min(top.length, bytes) / SECTOR);
+          status = 'backing';
+        } else {
+          const st = await image.blockStatusAt(offset, top ? Math.min(top.length, bytes) : bytes);
+          n = Math.ceil(st.length / SECTOR);
+          status = st.zero ? 'zero' : 'data';
+        }
       } else {
         n = want;
-        zero = true;
+        status = 'zero';
       }
       const tail = (local + n) % part.alignSectors;
       if (n > tail) n -= tail;
-      this.status = zero ? 'zero' : 'data';
+      if (status === 'zero' && postBackingZero) status = 'backing';
+      this.status = status;
       this.nextStatus = sector + n;
     }
     n = Math.min(n, this.nextStatus - sector);
-    if (this.status === 'data' || this.zeroAsData) n = Math.min(n, this.bufSectors);
+    if (this.status === 'data' || (this.zeroAsData && this.status === 'zero')) n = Math.min(n, this.bufSectors);
+    if (clusterSectors > 0) {
+      // Compressed clusters are written whole: a shorter run is taken as (part of) a data cluster.
+      if (n < clusterSectors) {
+        n = Math.min(clusterSectors, this.totalSectors - sector);
+        this.status = 'data';
+      } else {
+        n -= n % clusterSectors;
+      }
+    }
     this.sector = sector + n;
     return { sector, sectors: n, status: this.status };
   }
 }
+
+interface PlannerMode {
+  targetHasBacking: boolean;
+  /** Sectors of the target's backing file (new target with -B), else -1. */
+  targetBackingSectors: number;
+  /** Target cluster size in sectors when compressing, else 0. */
+  clusterSectors: number;
+}
+
+const DEFAULT_MODE: PlannerMode = { targetHasBacking: false, targetBackingSectors: -1, clusterSectors: 0 };
 
 /**
  * Sector runs of a buffer as qemu-img's sparse detection sees them: returns whether the run at
@@ -165,11 +230,25 @@ export function convertTargetSize(source: Image | Image[]): number {
   return sectors * SECTOR;
 }
 
-/**
- * Copies `source` (or several sources, concatenated) to `target` as raw bytes. The target ends up
- * exactly the source's size rounded up to 512 bytes (as qemu-img sizes it in sectors).
- */
-export async function convert(source: Image | Image[], target: Storage, options: ConvertOptions = {}): Promise<void> {
+/** The error convert rejects with when its signal was aborted. */
+export class ConvertAbortedError extends Error {
+  constructor() {
+    super('convert was interrupted');
+    this.name = 'AbortError';
+  }
+}
+
+/** What both kinds of target share: the sources as parts, the request sizes. */
+interface Setup {
+  parts: SourcePart[];
+  totalSectors: number;
+  bufSectors: number;
+  parallel: number;
+  minSparseSectors: number;
+  alignment: number;
+}
+
+async function setup(source: Image | Image[], options: ConvertOptions): Promise<Setup> {
   const sources = Array.isArray(source) ? source : [source];
   if (sources.length === 0) throw new UsageError('convert needs at least one source image');
   const minSparse = options.minSparse ?? 4096;
@@ -180,7 +259,6 @@ export async function convert(source: Image | Image[], target: Storage, options:
   const parallel = Math.max(1, Math.floor(options.parallel ?? 8));
   const minSparseSectors = minSparse / SECTOR;
   const alignment = minSparseSectors ? pow2floor(minSparseSectors) : 1;
-
   const parts: SourcePart[] = [];
   let totalSectors = 0;
   for (const image of sources) {
@@ -193,6 +271,120 @@ export async function convert(source: Image | Image[], target: Storage, options:
     parts.push({ image, start: totalSectors, sectors, alignSectors: Math.max(1, Math.floor(align / SECTOR)) });
     totalSectors += sectors;
   }
+  return { parts, totalSectors, bufSectors, parallel, minSparseSectors, alignment };
+}
+
+/** Fills buf with the concatenated sources' sectors [sector, sector + sectors) (a request may span two sources when compressing). */
+async function readSectors(parts: SourcePart[], buf: Uint8Array, sector: number, sectors: number): Promise<void> {
+  let pos = 0;
+  while (pos < sectors) {
+    const s = sector + pos;
+    const part = parts.find((p) => s < p.start + p.sectors)!;
+    const n = Math.min(sectors - pos, part.start + part.sectors - s);
+    const offset = (s - part.start) * SECTOR;
+    const dst = buf.subarray(pos * SECTOR, (pos + n) * SECTOR);
+    const inImage = Math.max(0, Math.min(dst.length, part.image.virtualSize - offset));
+    if (inImage > 0) await part.image.readInto(dst.subarray(0, inImage), offset);
+    dst.fill(0, inImage);
+    pos += n;
+  }
+}
+
+/**
+ * Runs `parallel` copy loops over the planner's requests (taken one at a time, in order), with
+ * progress counted as qemu-img counts it (data requests, and zero ones with sparse detection off).
+ */
+async function runCopy(
+  st: Setup,
+  options: ConvertOptions,
+  makePlanner: () => ChunkPlanner,
+  zeroAsData: boolean,
+  copy: (chunk: Chunk, index: number, buf: Uint8Array) => Promise<void>,
+  bufBytes: number,
+): Promise<void> {
+  const counts = (c: Chunk): boolean => c.status === 'data' || (zeroAsData && c.status === 'zero');
+  let allocatedTotal = 0;
+  if (options.onProgress) {
+    const prepass = makePlanner();
+    for (let c = await prepass.next(); c; c = await prepass.next()) if (counts(c)) allocatedTotal += c.sectors;
+  }
+  const planner = makePlanner();
+  let planLock: Promise<unknown> = Promise.resolve();
+  let allocatedDone = 0;
+  let index = 0;
+  let failure: { error: unknown } | null = null;
+  const signal = options.signal;
+
+  const nextChunk = (): Promise<{ chunk: Chunk; index: number } | null> => {
+    const p = planLock.then(async () => {
+      if (failure || signal?.aborted) return null;
+      const c = await planner.next();
+      if (!c) return null;
+      if (options.onProgress && counts(c)) {
+        allocatedDone += c.sectors;
+        options.onProgress({ done: allocatedDone * SECTOR, total: allocatedTotal * SECTOR });
+      }
+      return { chunk: c, index: index++ };
+    });
+    planLock = p.catch(() => undefined);
+    return p;
+  };
+
+  const worker = async (): Promise<void> => {
+    const buf = new Uint8Array(bufBytes);
+    for (;;) {
+      const next = await nextChunk();
+      if (!next || failure) return;
+      await copy(next.chunk, next.index, buf);
+    }
+  };
+  const workers: Promise<void>[] = [];
+  for (let i = 0; i < st.parallel; i++) {
+    workers.push(
+      worker().catch((error: unknown) => {
+        failure ??= { error };
+      }),
+    );
+  }
+  await Promise.all(workers);
+  if (failure) throw (failure as { error: unknown }).error;
+  if (signal?.aborted) throw new ConvertAbortedError();
+}
+
+/** A view of a buffer's sectors for the sparse detection. */
+function zeroSectorTest(buf: Uint8Array): (i: number) => boolean {
+  const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
+  return (i: number): boolean => {
+    for (let w = i * (SECTOR / 4), end = w + SECTOR / 4; w < end; w++) if (words[w] !== 0) return false;
+    return true;
+  };
+}
+
+function isZero(buf: Uint8Array): boolean {
+  const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
+  for (let i = 0; i < words.length; i++) if (words[i] !== 0) return false;
+  for (let i = words.length * 4; i < buf.length; i++) if (buf[i] !== 0) return false;
+  return true;
+}
+
+/**
+ * Copies `source` (or several sources, concatenated) to `target`: a raw Storage (bytes, sparse)
+ * or an Image opened writable (see convertToImage).
+ */
+export async function convert(source: Image | Image[], target: Storage | Image, options: ConvertOptions = {}): Promise<void> {
+  if (target instanceof Image) return convertToImage(source, target, options);
+  return convertToStorage(source, target, options);
+}
+
+/**
+ * Copies `source` (or several sources, concatenated) to `target` as raw bytes. The target ends up
+ * exactly the source's size rounded up to 512 bytes (as qemu-img sizes it in sectors).
+ */
+async function convertToStorage(source: Image | Image[], target: Storage, options: ConvertOptions): Promise<void> {
+  if (options.compress) throw new UsageError('Compression not supported for this file format');
+  if (options.targetHasBacking) throw new UsageError("Backing file not supported for file format 'raw'");
+  const st = await setup(source, options);
+  const { parts, totalSectors, bufSectors, minSparseSectors, alignment } = st;
   const totalBytes = totalSectors * SECTOR;
 
   let targetZero: boolean;
@@ -208,87 +400,188 @@ export async function convert(source: Image | Image[], target: Storage, options:
   // With sparse detection off, zero ranges are written as zero bytes (a fully allocated target).
   const zeroAsData = minSparseSectors === 0;
 
-  let allocatedTotal = 0;
-  if (options.onProgress) {
-    const prepass = new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData);
-    for (let c = await prepass.next(); c; c = await prepass.next()) {
-      if (c.status === 'data' || zeroAsData) allocatedTotal += c.sectors;
-    }
-  }
-
-  const planner = new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData);
-  let planLock: Promise<unknown> = Promise.resolve();
-  let allocatedDone = 0;
-  let failure: { error: unknown } | null = null;
-
-  const nextChunk = (): Promise<Chunk | null> => {
-    const p = planLock.then(async () => {
-      if (failure) return null;
-      const c = await planner.next();
-      if (c && options.onProgress && (c.status === 'data' || zeroAsData)) {
-        allocatedDone += c.sectors;
-        options.onProgress({ done: allocatedDone * SECTOR, total: allocatedTotal * SECTOR });
-      }
-      return c;
-    });
-    planLock = p.catch(() => undefined);
-    return p;
-  };
-
   const zeroRange = async (offset: number, length: number): Promise<void> => {
     if (targetZero || length === 0) return;
     if (target.writeZeroes) await target.writeZeroes(offset, length);
     else await writeZeroBytes((b, o) => target.write(b, o), offset, length);
   };
 
-  const readChunk = async (buf: Uint8Array, sector: number, sectors: number): Promise<void> => {
-    // A chunk never spans two sources (block status stops at each source's end).
-    const part = parts.find((p) => sector < p.start + p.sectors)!;
-    const offset = (sector - part.start) * SECTOR;
-    const inImage = Math.max(0, Math.min(sectors * SECTOR, part.image.virtualSize - offset));
-    if (inImage > 0) await part.image.readInto(buf.subarray(0, inImage), offset);
-    buf.fill(0, inImage, sectors * SECTOR);
+  const tests = new WeakMap<Uint8Array, (i: number) => boolean>();
+  await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData), zeroAsData, async (chunk, _index, buf) => {
+    let isZeroSector = tests.get(buf);
+    if (!isZeroSector) tests.set(buf, (isZeroSector = zeroSectorTest(buf)));
+    const { sector, sectors } = chunk;
+    if (chunk.status === 'zero' && !zeroAsData) {
+      await zeroRange(sector * SECTOR, sectors * SECTOR);
+      return;
+    }
+    if (chunk.status === 'data') await readSectors(parts, buf, sector, sectors);
+    else buf.fill(0, 0, sectors * SECTOR);
+    if (zeroAsData) {
+      await target.write(buf.subarray(0, sectors * SECTOR), sector * SECTOR);
+      return;
+    }
+    for (let i = 0; i < sectors; ) {
+      const run = classifyRunMin(isZeroSector, i, sectors - i, minSparseSectors, sector + i, alignment);
+      const offset = (sector + i) * SECTOR;
+      if (run.data) await target.write(buf.subarray(i * SECTOR, (i + run.count) * SECTOR), offset);
+      else await zeroRange(offset, run.count * SECTOR);
+      i += run.count;
+    }
+  }, bufSectors * SECTOR);
+}
+
+/**
+ * Copies into an Image opened writable, as qemu-img convert writes into a format driver:
+ *
+ * - The target must be at least as large as the sources together. Unless `existing`, it is taken
+ *   as just created: it reads as zeros when it has no backing file (qemu-img's has_zero_init), so
+ *   zero ranges are not written at all; otherwise (and with `existing` without `targetIsZero`, or
+ *   with -S 0) they are written with writeZeroes (may unmap: zero clusters in qcow2).
+ * - Writes go out in guest order (each request waits for the one before it) unless `outOfOrder`,
+ *   so a qcow2 target's clusters lie in the file in guest order, as qemu-img lays them out.
+ * - `compress`: every cluster compressed (in parallel; requests are whole clusters), all-zero
+ *   clusters skipped like zero ranges.
+ * - `targetHasBacking`: see the option.
+ */
+async function convertToImage(source: Image | Image[], target: Image, options: ConvertOptions): Promise<void> {
+  if (target.readOnly) throw new UsageError(`${target.storage.name}: the target image is open read-only`);
+  const compress = options.compress ?? false;
+  const targetHasBacking = options.targetHasBacking ?? false;
+  if (Array.isArray(source) && source.length > 1 && targetHasBacking) {
+    throw new UsageError('Having a backing file for the target makes no sense when concatenating multiple input images');
+  }
+  if (targetHasBacking && options.targetIsZero) {
+    throw new UsageError('Cannot use --target-is-zero when the destination image has a backing file');
+  }
+  if (compress && target.format !== 'qcow2') throw new UsageError('Compression not supported for this file format');
+  const st = await setup(source, options);
+  const { parts, totalSectors, minSparseSectors, alignment } = st;
+  if (target.virtualSize < totalSectors * SECTOR) throw new UsageError('output file is smaller than input file');
+
+  const clusterSize = target.format === 'qcow2' ? (await target.info()).clusterSize ?? 65536 : SECTOR;
+  const clusterSectors = compress ? Math.max(1, clusterSize / SECTOR) : 0;
+  // qemu-img's buffer is 2 MiB (one cluster when compressing; here several whole clusters, which
+  // compress in parallel: the per-cluster outcome is the same).
+  let bufSectors = st.bufSectors;
+  if (compress) bufSectors = Math.max(clusterSectors, bufSectors - (bufSectors % clusterSectors));
+  const zeroAsData = minSparseSectors === 0;
+  let zeroInit: boolean;
+  if (options.existing) zeroInit = options.targetIsZero ?? false;
+  else zeroInit = !targetHasBacking && !zeroAsData;
+  const mode: PlannerMode = {
+    targetHasBacking,
+    targetBackingSectors:
+      targetHasBacking && !options.existing && target.backing ? Math.floor(target.backing.virtualSize / SECTOR) : -1,
+    clusterSectors,
   };
 
-  const worker = async (): Promise<void> => {
-    const buf = new Uint8Array(bufSectors * SECTOR);
-    const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
-    const isZeroSector = (i: number): boolean => {
-      for (let w = i * (SECTOR / 4), end = w + SECTOR / 4; w < end; w++) if (words[w] !== 0) return false;
-      return true;
-    };
-    for (;;) {
-      const chunk = await nextChunk();
-      if (!chunk || failure) return;
-      const { sector, sectors } = chunk;
-      if (chunk.status === 'zero' && !zeroAsData) {
-        await zeroRange(sector * SECTOR, sectors * SECTOR);
-        continue;
-      }
-      if (chunk.status === 'data') await readChunk(buf, sector, sectors);
-      else buf.fill(0, 0, sectors * SECTOR);
-      if (zeroAsData) {
-        await target.write(buf.subarray(0, sectors * SECTOR), sector * SECTOR);
-        continue;
-      }
-      for (let i = 0; i < sectors; ) {
-        const run = classifyRunMin(isZeroSector, i, sectors - i, minSparseSectors, sector + i, alignment);
-        const offset = (sector + i) * SECTOR;
-        if (run.data) await target.write(buf.subarray(i * SECTOR, (i + run.count) * SECTOR), offset);
-        else await zeroRange(offset, run.count * SECTOR);
-        i += run.count;
-      }
+  const zeroRange = async (offset: number, length: number): Promise<void> => {
+    if (zeroInit || length === 0) return;
+    await target.writeZeroes(offset, length, { mayUnmap: true });
+  };
+
+  // The in-order rule: request i writes after request i - 1 has written.
+  const ordered = !(options.outOfOrder ?? false);
+  const written = new Map<number, () => void>();
+  const waiting = new Map<number, Promise<void>>();
+  let nextToWrite = 0;
+  let broken = false;
+  const turn = (index: number): Promise<void> => {
+    if (!ordered || broken || index === nextToWrite) return Promise.resolve();
+    let p = waiting.get(index);
+    if (!p) {
+      p = new Promise<void>((resolve) => written.set(index, resolve));
+      waiting.set(index, p);
+    }
+    return p;
+  };
+  const done = (index: number): void => {
+    if (!ordered) return;
+    nextToWrite = index + 1;
+    waiting.delete(index);
+    const wake = written.get(index + 1);
+    if (wake) {
+      written.delete(index + 1);
+      wake();
+    }
+  };
+  // A waiter registered after its turn came: turn() checks nextToWrite first, so no wake-up is lost.
+  /** After a failure nothing waits any more (the loops see the failure and stop). */
+  const breakOrder = (): void => {
+    broken = true;
+    for (const wake of written.values()) wake();
+    written.clear();
+  };
+
+  const tests = new WeakMap<Uint8Array, (i: number) => boolean>();
+  const writeChunk = async (chunk: Chunk, buf: Uint8Array, isZeroSector: (i: number) => boolean): Promise<void> => {
+    const { sector, sectors, status } = chunk;
+    const base = sector * SECTOR;
+    const bytes = sectors * SECTOR;
+    if (status === 'backing') return;
+    if (status === 'zero' && !zeroAsData) {
+      await zeroRange(base, bytes);
+      return;
+    }
+    const data = buf.subarray(0, bytes);
+    if (zeroAsData) {
+      if (compress) await writeCompressedRuns(target, base, data, clusterSize, zeroRange, false);
+      else await target.write(base, data);
+      return;
+    }
+    if (compress) {
+      await writeCompressedRuns(target, base, data, clusterSize, zeroRange, true);
+      return;
+    }
+    for (let i = 0; i < sectors; ) {
+      const run = classifyRunMin(isZeroSector, i, sectors - i, minSparseSectors, sector + i, alignment);
+      const offset = base + i * SECTOR;
+      if (run.data) await target.write(offset, buf.subarray(i * SECTOR, (i + run.count) * SECTOR));
+      else await zeroRange(offset, run.count * SECTOR);
+      i += run.count;
     }
   };
 
-  const workers: Promise<void>[] = [];
-  for (let i = 0; i < parallel; i++) {
-    workers.push(
-      worker().catch((error: unknown) => {
-        failure ??= { error };
-      }),
-    );
+  try {
+    await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData, mode), zeroAsData, async (chunk, index, buf) => {
+      let isZeroSector = tests.get(buf);
+      if (!isZeroSector) tests.set(buf, (isZeroSector = zeroSectorTest(buf)));
+      try {
+        if (chunk.status === 'data') await readSectors(parts, buf, chunk.sector, chunk.sectors);
+        else if (chunk.status === 'zero' && zeroAsData) buf.fill(0, 0, chunk.sectors * SECTOR);
+        await turn(index);
+        if (broken) return;
+        await writeChunk(chunk, buf, isZeroSector);
+        done(index);
+      } catch (e) {
+        breakOrder();
+        throw e;
+      }
+    }, bufSectors * SECTOR);
+  } finally {
+    breakOrder();
   }
-  await Promise.all(workers);
-  if (failure) throw (failure as { error: unknown }).error;
+}
+
+/**
+ * Writes whole clusters compressed, run by run of non-zero clusters (each run's clusters compress
+ * in parallel inside the engine); with `skipZero`, all-zero clusters are zero ranges instead.
+ */
+async function writeCompressedRuns(
+  target: Image, base: number, data: Uint8Array, clusterSize: number,
+  zeroRange: (offset: number, length: number) => Promise<void>, skipZero: boolean,
+): Promise<void> {
+  let pos = 0;
+  while (pos < data.length) {
+    const zero = skipZero && isZero(data.subarray(pos, Math.min(data.length, pos + clusterSize)));
+    let end = pos + clusterSize;
+    while (end < data.length && (skipZero && isZero(data.subarray(end, Math.min(data.length, end + clusterSize)))) === zero) {
+      end += clusterSize;
+    }
+    end = Math.min(end, data.length);
+    if (zero) await zeroRange(base + pos, end - pos);
+    else await target.writeCompressed(base + pos, data.subarray(pos, end));
+    pos = end;
+  }
 }
