@@ -260,7 +260,8 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
     }
     const targetHasBacking = backingFile !== undefined;
     if (targetIsZero && targetHasBacking) {
-      throw new CliError('Cannot use --target-is-zero when the destination image has a backing file');
+      // qemu-img 7.2 reports this one and exits with status 0 (its ret is still 0 at that point).
+      throw new CliError('Cannot use --target-is-zero when the destination image has a backing file', { exitCode: 0 });
     }
     if (srcNum > 1 && targetHasBacking) {
       throw new CliError('Having a backing file for the target makes no sense when concatenating multiple input images');
