@@ -94,6 +94,7 @@ export class FileStorage implements Storage {
   private readonly discardFn = (offset: number, length: number): Promise<void> => this.nativeDiscard(offset, length);
   private readonly writeZeroesFn = (offset: number, length: number): Promise<void> =>
     this.nativeWriteZeroes(offset, length);
+  private readonly allocateFn = (offset: number, length: number): Promise<void> => this.nativeAllocate(offset, length);
 
   private constructor(name: string, handle: FileHandle, readOnly: boolean, nativeWanted: boolean) {
     this.name = name;
@@ -121,6 +122,11 @@ export class FileStorage implements Storage {
   /** Present when the native fast paths are loaded (punch hole, then extend). */
   get writeZeroes(): ((offset: number, length: number) => Promise<void>) | undefined {
     return this.native && !this.readOnly ? this.writeZeroesFn : undefined;
+  }
+
+  /** Present when the native fast paths are loaded (fallocate mode 0). */
+  get allocate(): ((offset: number, length: number) => Promise<void>) | undefined {
+    return this.native && !this.readOnly ? this.allocateFn : undefined;
   }
 
   /**
@@ -342,6 +348,30 @@ export class FileStorage implements Storage {
     const end = offset + length;
     if (Math.min(end, size) > offset) await this.punchOrZero(offset, Math.min(end, size) - offset);
     if (end > size) await this.truncate(end);
+  }
+
+  private async nativeAllocate(offset: number, length: number): Promise<void> {
+    checkOpen(this.name, this.closed);
+    checkWritable(this.name, this.readOnly);
+    checkRange(this.name, offset, length);
+    if (length === 0) return;
+    const r = this.native!.allocate(this.handle.fd, offset, length);
+    if (r === 0) return;
+    const code = ERRNO_NAMES[-r];
+    if (code !== 'EOPNOTSUPP' && code !== 'ENOSYS') {
+      throw wrap('Could not preallocate', this.name, Object.assign(new Error(code ?? `errno ${-r}`), { code }), {
+        offset,
+        length,
+      });
+    }
+    // No fallocate on this file system: posix_fallocate's own fallback, zeros past the end only
+    // (existing data inside the file is kept as it is).
+    const size = await this.size();
+    const end = offset + length;
+    if (end > size) {
+      const from = Math.max(offset, size);
+      await writeZeroBytes((b, o) => this.write(b, o), from, end - from);
+    }
   }
 
   private async punchOrZero(offset: number, length: number): Promise<void> {

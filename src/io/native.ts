@@ -23,6 +23,8 @@ export interface NativeFileOps {
   seekHole(fd: number, offset: number): number;
   /** Deallocates [offset, offset+length) keeping the file size; 0 or -errno. */
   punchHole(fd: number, offset: number, length: number): number;
+  /** Reserves [offset, offset+length) (fallocate mode 0: extends the file, keeps data); 0 or -errno. */
+  allocate(fd: number, offset: number, length: number): number;
   /** Copies up to `length` bytes in the kernel; bytes copied or -errno. */
   copyFileRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
 }
@@ -95,6 +97,10 @@ function tryLoad(): NativeFileOps | null {
       seekHole: (fd, offset) => seek(fd, offset, SEEK_HOLE),
       punchHole: (fd, offset, length) => {
         const r = toNumber(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length));
+        return r < 0 ? -koffi.errno() : 0;
+      },
+      allocate: (fd, offset, length) => {
+        const r = toNumber(fallocate(fd, 0, offset, length));
         return r < 0 ? -koffi.errno() : 0;
       },
       copyFileRange: (fdIn, offIn, fdOut, offOut, length) => {

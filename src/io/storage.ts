@@ -36,6 +36,11 @@ export interface Storage {
   discard?(offset: number, length: number): Promise<void>;
   /** Makes the range read as zeros without writing zero bytes where the backend can. */
   writeZeroes?(offset: number, length: number): Promise<void>;
+  /**
+   * Reserves space for the range without changing its contents (fallocate mode 0), extending the
+   * storage if the range ends past it: qemu-img's "falloc" preallocation.
+   */
+  allocate?(offset: number, length: number): Promise<void>;
   /** Bytes the storage occupies on its medium (st_blocks * 512 for files): qemu-img's "disk size". */
   allocatedSize?(): Promise<number>;
 }
