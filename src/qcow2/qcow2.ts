@@ -300,6 +300,12 @@ export class Qcow2Driver implements FormatDriver {
     const cs = this.clusterSize;
     const clusterIndex = Math.floor(guestOffset / cs);
     const inCluster = guestOffset - clusterIndex * cs;
+    if (inCluster === 0 && buf.length === cs && !this.decompressed.has(clusterIndex)) {
+      // A whole cluster (convert, large reads): decompress straight into the caller's buffer, so a
+      // bulk read allocates nothing per cluster; the cache only serves reads that split a cluster.
+      await this.doDecompress(clusterIndex, buf);
+      return;
+    }
     const cluster = await this.decompressCluster(clusterIndex);
     buf.set(cluster.subarray(inCluster, inCluster + buf.length));
   }
@@ -316,7 +322,7 @@ export class Qcow2Driver implements FormatDriver {
     return work;
   }
 
-  private async doDecompress(clusterIndex: number): Promise<Uint8Array> {
+  private async doDecompress(clusterIndex: number, out: Uint8Array = new Uint8Array(this.clusterSize)): Promise<Uint8Array> {
     const g = this.geometry;
     const l1Index = Math.floor(clusterIndex / g.l2Entries);
     const l2Index = clusterIndex - l1Index * g.l2Entries;
@@ -332,7 +338,6 @@ export class Qcow2Driver implements FormatDriver {
     await readFullZeroFill(this.storage, src, desc.hostOffset);
     if (!this.codec) this.codec = getCodec(this.header.compressionType === 1 ? 'zstd' : 'zlib');
     const codec = await this.codec;
-    const out = new Uint8Array(this.clusterSize);
     await codec.decompress(src, out);
     return out;
   }
