@@ -86,6 +86,9 @@ async function makeSources(): Promise<void> {
     'write -P 0x31 2M 3000',
     'write -z 3M 2k',
   ], dir);
+  // Nothing in the first 4 KiB.
+  await qemuImgOk(['create', '-q', '-f', 'qcow2', 'late.qcow2', '4M'], dir);
+  await qemuIoOk('late.qcow2', 'qcow2', ['write -P 0x50 1M 64k', 'write -z 2M 64k'], dir);
   await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', 'xl2solo.qcow2', '4M'], dir);
   await qemuIoOk('xl2solo.qcow2', 'qcow2', ['write -P 0x40 2k 2k', 'write -P 0x41 70000 9000', 'write -z 1M 4k', 'write -P 0x42 2M 64k', 'write -z 2M 2k'], dir);
 }
@@ -192,6 +195,10 @@ const cases: Case[] = [
   { name: 'qcow2 -> raw', args: ['-O', 'raw', 'src.qcow2'], outFmt: 'raw' },
   { name: 'qcow2 -> qcow2', args: ['-O', 'qcow2', 'src.qcow2'], outFmt: 'qcow2' },
   { name: 'raw -> raw', args: ['-f', 'raw', '-O', 'raw', 'src.raw'], outFmt: 'raw' },
+  // qemu-img's raw targets start with an allocated 4 KiB block (file-posix allocate_first_block
+  // when the file is created), whatever the source has there.
+  { name: 'qcow2 -> raw with nothing in the first 4 KiB', args: ['-O', 'raw', 'late.qcow2'], outFmt: 'raw' },
+  { name: 'qcow2 -> qcow2 with nothing in the first 4 KiB', args: ['-O', 'qcow2', 'late.qcow2'], outFmt: 'qcow2' },
   { name: 'raw -> qcow2 -c (zlib; incompressible clusters stay uncompressed)', args: ['-f', 'raw', '-O', 'qcow2', '-c', 'src.raw'], outFmt: 'qcow2' },
   { name: 'qcow2 -> qcow2 -c (zlib)', args: ['-O', 'qcow2', '-c', 'src.qcow2'], outFmt: 'qcow2' },
   { name: 'raw -> qcow2 -c -o compression_type=zstd', args: ['-f', 'raw', '-O', 'qcow2', '-c', '-o', 'compression_type=zstd', 'src.raw'], outFmt: 'qcow2' },
