@@ -13,6 +13,8 @@ import { writeZeroBytes } from '../io/zero.js';
 import { UsageError } from '../errors.js';
 
 const SECTOR = 512;
+/** Bytes per request when compressing (whole clusters; at least one). */
+const COMPRESS_BUFFER = 512 * 1024;
 /** QEMU's BDRV_REQUEST_MAX_SECTORS: the longest block-status query. */
 const REQUEST_MAX_SECTORS = Math.floor(0x7fffffff / SECTOR);
 
@@ -459,12 +461,20 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
   const { parts, totalSectors, minSparseSectors, alignment } = st;
   if (target.virtualSize < totalSectors * SECTOR) throw new UsageError('output file is smaller than input file');
 
-  const clusterSize = target.format === 'qcow2' ? (await target.info()).clusterSize ?? 65536 : SECTOR;
+  const targetInfo = target.format === 'qcow2' ? await target.info() : null;
+  const clusterSize = targetInfo?.clusterSize ?? SECTOR;
   const clusterSectors = compress ? Math.max(1, clusterSize / SECTOR) : 0;
-  // qemu-img's buffer is 2 MiB (one cluster when compressing; here several whole clusters, which
-  // compress in parallel: the per-cluster outcome is the same).
+  // The unit the target allocates in: zero runs shorter than it inside data are written as zero
+  // bytes with the data around them (the unit is allocated anyway; writing whole units spares the
+  // engine a copy-on-write for each partial one). Same guest content and allocation as qemu-img.
+  const allocUnit = targetInfo ? (targetInfo.formatSpecific?.extendedL2 ? clusterSize / 32 : clusterSize) / SECTOR : 1;
+  // qemu-img's buffer is 2 MiB (one cluster when compressing; here 512 KiB of whole clusters, which
+  // compress in parallel: the per-cluster outcome is the same, and less memory is in flight).
   let bufSectors = st.bufSectors;
-  if (compress) bufSectors = Math.max(clusterSectors, bufSectors - (bufSectors % clusterSectors));
+  if (compress) {
+    const want = options.bufferSize === undefined ? COMPRESS_BUFFER / SECTOR : bufSectors;
+    bufSectors = Math.max(clusterSectors, want - (want % clusterSectors));
+  }
   const zeroAsData = minSparseSectors === 0;
   let zeroInit: boolean;
   if (options.existing) zeroInit = options.targetIsZero ?? false;
@@ -534,12 +544,39 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
       await writeCompressedRuns(target, base, data, clusterSize, zeroRange, true);
       return;
     }
+    const runs: { data: boolean; from: number; to: number }[] = [];
     for (let i = 0; i < sectors; ) {
       const run = classifyRunMin(isZeroSector, i, sectors - i, minSparseSectors, sector + i, alignment);
-      const offset = base + i * SECTOR;
-      if (run.data) await target.write(offset, buf.subarray(i * SECTOR, (i + run.count) * SECTOR));
-      else await zeroRange(offset, run.count * SECTOR);
+      runs.push({ data: run.data, from: i, to: i + run.count });
       i += run.count;
+    }
+    // A zero run between two data runs keeps only the whole allocation units inside it; its ragged
+    // ends go with the data around them (those units are allocated by that data anyway).
+    for (let k = 1; k + 1 < runs.length; k++) {
+      const z = runs[k]!;
+      if (z.data || !runs[k - 1]!.data || !runs[k + 1]!.data) continue;
+      const zs = z.from + ((allocUnit - ((sector + z.from) % allocUnit)) % allocUnit);
+      const ze = z.to - ((sector + z.to) % allocUnit);
+      if (ze <= zs) {
+        z.data = true;
+      } else {
+        runs[k - 1]!.to = zs;
+        runs[k + 1]!.from = ze;
+        z.from = zs;
+        z.to = ze;
+      }
+    }
+    let dataFrom = -1;
+    for (let k = 0; k < runs.length; k++) {
+      const r = runs[k]!;
+      if (r.data) {
+        if (dataFrom < 0) dataFrom = r.from;
+        if (k + 1 < runs.length && runs[k + 1]!.data) continue;
+        await target.write(base + dataFrom * SECTOR, buf.subarray(dataFrom * SECTOR, r.to * SECTOR));
+        dataFrom = -1;
+      } else {
+        await zeroRange(base + r.from * SECTOR, (r.to - r.from) * SECTOR);
+      }
     }
   };
 
