@@ -235,6 +235,14 @@ const cases: Case[] = [
     },
   },
   {
+    // Zero writes in the top that do not cover whole target clusters, where the rest of the
+    // cluster reads as zeros from the backing: qemu-img's zero write (qcow2's is_zero check on
+    // the unaligned head/tail) makes a zero cluster, not a data cluster of zeros.
+    name: '-B xbase.qcow2 from an extended-L2 top with subcluster zero writes',
+    args: ['-O', 'qcow2', '-B', 'xbase.qcow2', '-F', 'qcow2', 'xl2.qcow2'],
+    outFmt: 'qcow2',
+  },
+  {
     name: '-n onto an existing qcow2 full of junk',
     args: ['-n', '-O', 'qcow2', 'src.qcow2'],
     outFmt: 'qcow2',
