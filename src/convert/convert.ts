@@ -536,12 +536,7 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
     }
     const data = buf.subarray(0, bytes);
     if (zeroAsData) {
-      if (compress) await writeCompressedRuns(target, base, data, clusterSize, zeroRange, false);
-      else await target.write(base, data);
-      return;
-    }
-    if (compress) {
-      await writeCompressedRuns(target, base, data, clusterSize, zeroRange, true);
+      await target.write(base, data);
       return;
     }
     const runs: { data: boolean; from: number; to: number }[] = [];
@@ -589,6 +584,15 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
         else if (chunk.status === 'zero' && zeroAsData) buf.fill(0, 0, chunk.sectors * SECTOR);
         await turn(index);
         if (broken) return;
+        if (compress && (chunk.status === 'data' || (chunk.status === 'zero' && zeroAsData))) {
+          // Queued in order now, compressed in parallel: the next request may queue its clusters
+          // while these still compress (the writes keep guest order, see Qcow2Writer.writeCompressed).
+          const data = buf.subarray(0, chunk.sectors * SECTOR);
+          const ops = issueCompressedRuns(target, chunk.sector * SECTOR, data, clusterSize, zeroRange, !zeroAsData);
+          done(index);
+          await Promise.all(ops);
+          return;
+        }
         await writeChunk(chunk, buf, isZeroSector);
         done(index);
       } catch (e) {
@@ -602,13 +606,16 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
 }
 
 /**
- * Writes whole clusters compressed, run by run of non-zero clusters (each run's clusters compress
+ * Queues whole clusters compressed, run by run of non-zero clusters (each run's clusters compress
  * in parallel inside the engine); with `skipZero`, all-zero clusters are zero ranges instead.
+ * Every operation is issued before this returns (so in order with the caller's other requests);
+ * the caller keeps `data` untouched until they all settle.
  */
-async function writeCompressedRuns(
+function issueCompressedRuns(
   target: Image, base: number, data: Uint8Array, clusterSize: number,
   zeroRange: (offset: number, length: number) => Promise<void>, skipZero: boolean,
-): Promise<void> {
+): Promise<void>[] {
+  const ops: Promise<void>[] = [];
   let pos = 0;
   while (pos < data.length) {
     const zero = skipZero && isZero(data.subarray(pos, Math.min(data.length, pos + clusterSize)));
@@ -617,8 +624,8 @@ async function writeCompressedRuns(
       end += clusterSize;
     }
     end = Math.min(end, data.length);
-    if (zero) await zeroRange(base + pos, end - pos);
-    else await target.writeCompressed(base + pos, data.subarray(pos, end));
+    ops.push(zero ? zeroRange(base + pos, end - pos) : target.writeCompressed(base + pos, data.subarray(pos, end)));
     pos = end;
   }
+  return ops;
 }

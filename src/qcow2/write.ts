@@ -137,27 +137,36 @@ export class Qcow2Writer {
     });
   }
 
-  /** Whole clusters compressed (the last may be partial at the disk's end); compression runs before the lock. */
-  async writeCompressed(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+  /**
+   * Whole clusters compressed (the last may be partial at the disk's end); compression runs in
+   * parallel outside the lock, but the call takes its place in the write queue at once (before
+   * any await): calls write out in the order they were made, so a caller can issue the next
+   * request's writeCompressed without waiting for the previous one (convert keeps every core
+   * compressing while clusters still land in guest order).
+   */
+  writeCompressed(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
     const cs = this.cs;
-    if (this.g.hasDataFile) throw new UnsupportedError('Compressed writes are not supported with an external data file');
-    if (offset % cs !== 0) throw new UsageError(`Compressed write at ${offset} is not cluster aligned`);
+    if (this.g.hasDataFile) return Promise.reject(new UnsupportedError('Compressed writes are not supported with an external data file'));
+    if (offset % cs !== 0) return Promise.reject(new UsageError(`Compressed write at ${offset} is not cluster aligned`));
     if (data.length % cs !== 0 && offset + data.length !== this.d.virtualSize) {
-      throw new UsageError(`Compressed write of ${data.length} bytes must cover whole clusters (or end at the disk's end)`);
+      return Promise.reject(new UsageError(`Compressed write of ${data.length} bytes must cover whole clusters (or end at the disk's end)`));
     }
-    const codec = await getCodec(this.d.header.compressionType === 1 ? 'zstd' : 'zlib');
-    const jobs: Promise<Uint8Array | null>[] = [];
-    for (let pos = 0; pos < data.length; pos += cs) {
-      let chunk = data.subarray(pos, Math.min(data.length, pos + cs));
-      if (chunk.length < cs) {
-        const padded = new Uint8Array(cs);
-        padded.set(chunk);
-        chunk = padded;
+    const compressing = getCodec(this.d.header.compressionType === 1 ? 'zstd' : 'zlib').then((codec) => {
+      const jobs: Promise<Uint8Array | null>[] = [];
+      for (let pos = 0; pos < data.length; pos += cs) {
+        let chunk = data.subarray(pos, Math.min(data.length, pos + cs));
+        if (chunk.length < cs) {
+          const padded = new Uint8Array(cs);
+          padded.set(chunk);
+          chunk = padded;
+        }
+        jobs.push(codec.compress(chunk, cs - 1));
       }
-      jobs.push(codec.compress(chunk, cs - 1));
-    }
-    const compressed = await Promise.all(jobs);
-    await this.exclusive(async () => {
+      return Promise.all(jobs);
+    });
+    compressing.catch(() => undefined); // reported by the queued operation below
+    return this.exclusive(async () => {
+      const compressed = await compressing;
       await this.begin();
       this.bitmaps?.note(offset, data.length);
       for (let k = 0; k < compressed.length; k++) {
