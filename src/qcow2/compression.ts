@@ -31,8 +31,9 @@ export const COMPRESSION_TYPE_CODES: Readonly<Record<CompressionType, number>> =
 
 export interface CodecOptions {
   /**
-   * Where zstd runs. 'auto' (default): compression in worker threads when the built worker
-   * script is present, else in-thread; decompression in-thread (a worker round trip costs
+   * Where zstd runs. 'auto' (default): the system libzstd on the libuv pool when it loads
+   * (src/qcow2/zstd-native.ts; not with QIMG_NO_NATIVE=1), else compression in worker threads
+   * when the built worker script is present, else in-thread; decompression in-thread (a worker round trip costs
    * more than decoding one cluster; see bench/codecs.mjs). 'thread': in-thread only.
    * 'workers': both operations in workers (falls back to in-thread when no worker script).
    */
@@ -162,6 +163,32 @@ function defaultPool(): ZstdWorkerPool | null {
   return sharedPool;
 }
 
+/** Runs at most `limit` tasks at once; the rest wait in a queue. */
+class Slots {
+  private running = 0;
+  private readonly waiting: (() => void)[] = [];
+  constructor(private readonly limit: number) {}
+
+  async run<T>(task: () => Promise<T>): Promise<T> {
+    if (this.running >= this.limit) await new Promise<void>((resolve) => this.waiting.push(resolve));
+    else this.running++;
+    try {
+      return await task();
+    } finally {
+      const next = this.waiting.shift();
+      if (next) next();
+      else this.running--;
+    }
+  }
+}
+
+/**
+ * Compressions handed to the worker pool at once: enough to keep every worker busy, few enough
+ * that a convert queueing whole requests does not pile copies of its clusters (and their
+ * results) into the workers' message queues.
+ */
+const poolSlots = new Slots(8);
+
 function makeZstdCodec(options: CodecOptions): ClusterCodec {
   const mode = options.zstdWorkers ?? 'auto';
   let pool: ZstdWorkerPool | null = null;
@@ -194,9 +221,18 @@ function makeZstdCodec(options: CodecOptions): ClusterCodec {
       zstdDecompressSync(src, dst);
     },
     async compress(src, maxLength) {
+      if (native) {
+        // libzstd on the libuv pool: no worker threads (each held ~35 MiB with its WebAssembly
+        // heap) and about twice the speed of the WebAssembly build.
+        // Room for ZSTD_compressBound (a tighter buffer can fail for a frame that would fit it).
+        const dst = new Uint8Array(src.length + (src.length >>> 8) + 128);
+        const n = await native.compressAsync(dst, src, ZSTD_DEFAULT_LEVEL);
+        if (n < 0) throw new Error(`zstd compression failed (libzstd error ${-n})`);
+        return n <= maxLength ? dst.slice(0, n) : null; // trimmed: queued clusters hold only their frame
+      }
       if (pool) {
         try {
-          const out = await pool.compress(src, maxLength, ZSTD_DEFAULT_LEVEL);
+          const out = await poolSlots.run(() => pool!.compress(src, maxLength, ZSTD_DEFAULT_LEVEL));
           return out ? new Uint8Array(out) : null;
         } catch (err) {
           if (err instanceof FormatError) throw err;

@@ -1,12 +1,11 @@
-// Optional native zstd decompression: the system's libzstd through koffi (as QEMU itself links
-// libzstd). Decoding a 64 KiB cluster takes about half the time of the WebAssembly build, writes
-// straight into the caller's buffer and can run on a libuv thread (koffi's async calls), which
-// for compressed images is most of qimg convert's CPU time.
-//
-// Only decompression: compression stays on the WebAssembly build so that the bytes qimg writes do
-// not depend on the system's zstd version. Like the file fast paths (src/io/native.ts), this is
-// skipped when koffi or libzstd is missing, off 64-bit Linux, or with QIMG_NO_NATIVE=1; callers
-// then use the WebAssembly decoder, which yields the same bytes.
+// Optional native zstd: the system's libzstd through koffi (as QEMU itself links libzstd).
+// Decoding a 64 KiB cluster takes about half the time of the WebAssembly build, writes straight
+// into the caller's buffer and runs on a libuv thread (koffi's async calls); compressing runs there
+// too, at QEMU's level (3), into one plain frame with its content size (ZSTD_compressCCtx), which
+// any zstd decoder, QEMU's included, reads. The bytes may differ from the WebAssembly build's
+// (another zstd version), the decoded content does not. Like the file fast paths (src/io/native.ts),
+// this is skipped when koffi or libzstd is missing, off 64-bit Linux, or with QIMG_NO_NATIVE=1;
+// callers then use the WebAssembly build.
 
 import { createRequire } from 'node:module';
 import { nativeAllowed } from '../io/native.js';
@@ -17,6 +16,11 @@ export interface ZstdNativeDecoder {
   decompress(dst: Uint8Array, src: Uint8Array): number;
   /** The same on a libuv thread pool thread. */
   decompressAsync(dst: Uint8Array, src: Uint8Array): Promise<number>;
+  /**
+   * Compresses src into dst as one frame (with content size) on a libuv thread; returns the
+   * frame's length, or -(ZSTD error code), e.g. when it does not fit in dst.
+   */
+  compressAsync(dst: Uint8Array, src: Uint8Array, level: number): Promise<number>;
 }
 
 /**
@@ -65,23 +69,51 @@ function tryLoad(): ZstdNativeDecoder | null {
     const koffi = moduleRequire()('koffi') as KoffiLike;
     const lib = koffi.load('libzstd.so.1');
     const dec = lib.func('size_t ZSTD_decompress(void *dst, size_t dstCapacity, const void *src, size_t srcSize)');
+    const createCCtx = lib.func('void *ZSTD_createCCtx()');
+    const comp = lib.func(
+      'size_t ZSTD_compressCCtx(void *cctx, void *dst, size_t dstCapacity, const void *src, size_t srcSize, int level)',
+    );
     let running = 0;
     const waiting: (() => void)[] = [];
-    const start = (dst: Uint8Array, src: Uint8Array, resolve: (n: number) => void, reject: (e: Error) => void): void => {
-      running++;
-      dec.async(dst, dst.length, src, src.length, (err: unknown, r: unknown) => {
-        running--;
-        waiting.shift()?.();
-        if (err) reject(err instanceof Error ? err : new Error(String(err)));
-        else resolve(toResult(r));
-      });
+    // One compression context per call in flight (at most MAX_ASYNC), reused: no per-cluster
+    // context allocation. Never freed: they live as long as the process.
+    const contexts: unknown[] = [];
+    const settle = (resolve: (n: number) => void, reject: (e: Error) => void) => (err: unknown, r: unknown): void => {
+      running--;
+      waiting.shift()?.();
+      if (err) reject(err instanceof Error ? err : new Error(String(err)));
+      else resolve(toResult(r));
+    };
+    const queue = (run: () => void): void => {
+      if (running < MAX_ASYNC) run();
+      else waiting.push(run);
     };
     return {
       decompress: (dst, src) => toResult(dec(dst, dst.length, src, src.length)),
       decompressAsync: (dst, src) =>
         new Promise((resolve, reject) => {
-          if (running < MAX_ASYNC) start(dst, src, resolve, reject);
-          else waiting.push(() => start(dst, src, resolve, reject));
+          queue(() => {
+            running++;
+            dec.async(dst, dst.length, src, src.length, settle(resolve, reject));
+          });
+        }),
+      compressAsync: (dst, src, level) =>
+        new Promise((resolve, reject) => {
+          queue(() => {
+            let cctx = contexts.pop();
+            if (cctx === undefined) cctx = createCCtx();
+            if (!cctx) {
+              reject(new Error('ZSTD_createCCtx failed'));
+              waiting.shift()?.();
+              return;
+            }
+            running++;
+            const done = settle(resolve, reject);
+            comp.async(cctx, dst, dst.length, src, src.length, level, (err: unknown, r: unknown) => {
+              contexts.push(cctx);
+              done(err, r);
+            });
+          });
         }),
     };
   } catch {
