@@ -8,6 +8,7 @@ import { stat } from 'node:fs/promises';
 import type { Image } from '../image.js';
 import type { Storage } from '../io/storage.js';
 import { FileStorage } from '../io/file.js';
+import { createRaw } from '../raw/create.js';
 import { NotFoundError } from '../errors.js';
 import { openImage, type OpenedImage } from '../open.js';
 import { createImage, type CreateImageOptions } from '../create.js';
@@ -314,8 +315,8 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         throw new CliError(`${outFilename}: error while converting raw: ${why}`);
       }
       try {
-        await created.truncate(0);
-        await created.truncate(totalSize);
+        // raw creation as QEMU's: sized, and the first block written (allocate_first_block).
+        await createRaw(created, totalSize);
       } finally {
         await created.close();
       }
