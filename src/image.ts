@@ -33,6 +33,12 @@ export type ShallowMapping =
 export interface WriteIo {
   readGuest(buf: Uint8Array, guestOffset: number): Promise<void>;
   hasBacking: boolean;
+  /**
+   * True when block status through the whole chain says the range reads as zeros (QEMU's
+   * bdrv_co_is_zero_fast: metadata only, data that happens to be zero does not count). An empty
+   * range is zero.
+   */
+  readsAsZero(guestOffset: number, length: number): Promise<boolean>;
 }
 
 export interface WriteZeroesOptions {
@@ -103,7 +109,11 @@ export class Image {
   constructor(driver: FormatDriver, backing: Image | null) {
     this.driver = driver;
     this.backing = backing;
-    this.io = { readGuest: (buf, offset) => this.readInto(buf, offset), hasBacking: backing !== null };
+    this.io = {
+      readGuest: (buf, offset) => this.readInto(buf, offset),
+      hasBacking: backing !== null,
+      readsAsZero: (offset, length) => this.readsAsZero(offset, length),
+    };
   }
 
   /** False only for an image opened writable (`openImage(target, { readOnly: false })`). */
@@ -317,6 +327,19 @@ export class Image {
 
   info(): Promise<ImageInfo> {
     return this.driver.info();
+  }
+
+  /** Whether block status says [offset, offset+length) reads as zeros (see WriteIo.readsAsZero). */
+  async readsAsZero(offset: number, length: number): Promise<boolean> {
+    if (length <= 0) return true;
+    if (offset + length > this.virtualSize) return false;
+    const end = offset + length;
+    for (let pos = offset; pos < end; ) {
+      const st = await this.blockStatusAt(pos, end - pos);
+      if (!st.zero) return false;
+      pos += st.length;
+    }
+    return true;
   }
 
   /** Closes this image and its whole backing chain. */

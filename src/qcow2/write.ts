@@ -7,6 +7,7 @@
 // references dropped (L2/L1 written) before the refcounts are decremented.
 
 import type { Storage } from '../io/storage.js';
+import type { WriteIo } from '../image.js';
 import { QimgError, UnsupportedError, UsageError } from '../errors.js';
 import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header-write.js';
@@ -41,11 +42,8 @@ interface AllocatingStorage extends Storage {
   allocate?(offset: number, length: number): Promise<void>;
 }
 
-/** What the generic layer gives a write: its own read (for copy-on-write) and whether a backing file exists. */
-export interface WriteIo {
-  readGuest(buf: Uint8Array, guestOffset: number): Promise<void>;
-  hasBacking: boolean;
-}
+/** What the generic layer gives a write (its own read for copy-on-write, the chain's zero status): src/image.ts. */
+export type { WriteIo };
 
 /** The driver state the writer works on (Qcow2Driver implements it). */
 export interface WriterHost {
@@ -815,9 +813,30 @@ export class Qcow2Writer {
       const ranges: [number, number][] = s1 > s0 ? [[a, s0 * sc], [Math.min(b, s1 * sc), b]] : [[a, b]];
       for (const [x, y] of ranges) {
         if (y <= x) continue;
-        if (isZeroSc(Math.floor(x / sc)) && Math.floor(x / sc) === Math.floor((y - 1) / sc)) continue;
+        const s = Math.floor(x / sc);
+        if (isZeroSc(s) && s === Math.floor((y - 1) / sc)) continue;
+        // QEMU's qcow2_co_pwrite_zeroes: an unallocated subcluster whose rest already reads as
+        // zeros becomes a zero subcluster instead of zero data.
+        const allocated = ((cur.bLo >>> s) & 1) === 1;
+        if (s === Math.floor((y - 1) / sc) && !allocated && (s + 1) * sc <= vEnd &&
+            (await io.readsAsZero(c * cs + s * sc, x - s * sc)) &&
+            (await io.readsAsZero(c * cs + y, (s + 1) * sc - y))) {
+          const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+          const now = this.readEntry(table, idx);
+          const bit = (1 << s) >>> 0;
+          this.writeEntry(table, idx, { ...now, bHi: (now.bHi | bit) >>> 0, bLo: (now.bLo & ~bit) >>> 0 });
+          this.d.l2Cache.markDirty(l2Offset, table);
+          continue;
+        }
         await this.writeRange(c * cs + x, new Uint8Array(y - x), io);
       }
+      return;
+    }
+    // QEMU's qcow2_co_pwrite_zeroes: on v3, an unallocated cluster whose rest already reads as
+    // zeros (through the backing chain) becomes a zero cluster instead of zero data.
+    if (this.d.header.version >= 3 && kind === ClusterKind.Unallocated && vEnd === cs &&
+        (await io.readsAsZero(c * cs, a)) && (await io.readsAsZero(c * cs + b, cs - b))) {
+      await this.zeroClusters(c, 1, false);
       return;
     }
     await this.writeRange(c * cs + a, new Uint8Array(b - a), io);
