@@ -152,7 +152,19 @@ class ChunkPlanner {
       this.nextStatus = sector + n;
     }
     n = Math.min(n, this.nextStatus - sector);
-    if (this.status === 'data' || (this.zeroAsData && this.status === 'zero')) n = Math.min(n, this.bufSectors);
+    if (this.status === 'data' || (this.zeroAsData && this.status === 'zero')) {
+      if (n > this.bufSectors) {
+        n = this.bufSectors;
+        // A run cut by the buffer is cut on a target cluster boundary: a request ending mid-cluster
+        // made the engine copy-on-write (and allocate a buffer the size of) the whole request, for
+        // nearly every request of an image whose data starts off a cluster boundary.
+        const unit = this.mode.unitSectors;
+        if (unit > 1) {
+          const tail = (sector + n) % unit;
+          if (n > tail) n -= tail;
+        }
+      }
+    }
     if (clusterSectors > 0) {
       // Compressed clusters are written whole: a shorter run is taken as (part of) a data cluster.
       if (n < clusterSectors) {
@@ -173,9 +185,11 @@ interface PlannerMode {
   targetBackingSectors: number;
   /** Target cluster size in sectors when compressing, else 0. */
   clusterSectors: number;
+  /** Target cluster size in sectors (image targets; 0 for none): where the buffer cuts data runs. */
+  unitSectors: number;
 }
 
-const DEFAULT_MODE: PlannerMode = { targetHasBacking: false, targetBackingSectors: -1, clusterSectors: 0 };
+const DEFAULT_MODE: PlannerMode = { targetHasBacking: false, targetBackingSectors: -1, clusterSectors: 0, unitSectors: 0 };
 
 /**
  * Sector runs of a buffer as qemu-img's sparse detection sees them: returns whether the run at
@@ -484,6 +498,7 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
     targetBackingSectors:
       targetHasBacking && !options.existing && target.backing ? Math.floor(target.backing.virtualSize / SECTOR) : -1,
     clusterSectors,
+    unitSectors: targetInfo ? Math.floor(clusterSize / SECTOR) : 0,
   };
 
   const zeroRange = async (offset: number, length: number): Promise<void> => {
