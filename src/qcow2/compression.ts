@@ -198,6 +198,7 @@ function makeZstdCodec(options: CodecOptions): ClusterCodec {
     else pool = defaultPool();
   }
   let decompressPool = mode === 'workers' ? pool : null;
+  const scratch: Uint8Array[] = [];
   const native = mode === 'auto' ? loadZstdNative() : null;
   return {
     type: 'zstd',
@@ -224,11 +225,19 @@ function makeZstdCodec(options: CodecOptions): ClusterCodec {
       if (native) {
         // libzstd on the libuv pool: no worker threads (each held ~35 MiB with its WebAssembly
         // heap) and about twice the speed of the WebAssembly build.
-        // Room for ZSTD_compressBound (a tighter buffer can fail for a frame that would fit it).
-        const dst = new Uint8Array(src.length + (src.length >>> 8) + 128);
-        const n = await native.compressAsync(dst, src, ZSTD_DEFAULT_LEVEL);
-        if (n < 0) throw new Error(`zstd compression failed (libzstd error ${-n})`);
-        return n <= maxLength ? dst.slice(0, n) : null; // trimmed: queued clusters hold only their frame
+        // Room for ZSTD_compressBound (a tighter buffer can fail for a frame that would fit it);
+        // scratch buffers are reused (a fresh 64 KiB one per cluster was 20-30 MiB of garbage
+        // ArrayBuffers at peak RSS during a convert).
+        const room = src.length + (src.length >>> 8) + 128;
+        let dst = scratch.pop();
+        if (!dst || dst.length < room) dst = new Uint8Array(room);
+        try {
+          const n = await native.compressAsync(dst, src, ZSTD_DEFAULT_LEVEL);
+          if (n < 0) throw new Error(`zstd compression failed (libzstd error ${-n})`);
+          return n <= maxLength ? dst.slice(0, n) : null; // the frame only: queued clusters hold no scratch
+        } finally {
+          if (scratch.length < 16) scratch.push(dst);
+        }
       }
       if (pool) {
         try {
