@@ -1,7 +1,7 @@
 // Convert benchmark: qimg convert vs qemu-img convert, side by side in the same run.
 //
 //   npm run build && node bench/convert.mjs [--runs 5] [--only raw-qcow2,qcow2-raw,...] [--cli dist/cli.js]
-//                                           [--verify all|first] [--markdown]
+//                                           [--verify all|first] [--markdown] [--out results-convert.json]
 //
 // Uses bench/read.mjs's cached 2 GiB ext4 image (bench/out/ext4-2g.raw: real files from /usr put
 // in with `mke2fs -t ext4 -d`) and its qcow2 / zlib / zstd copies made by qemu-img, building them
@@ -36,6 +36,7 @@ const RUNS = Number(opt('runs', 5));
 const DATA_BYTES = Number(opt('data-mb', 1200)) * 1e6;
 const VERIFY = opt('verify', 'all');
 const MARKDOWN = args.includes('--markdown');
+const RESULTS = path.join(out, opt('out', 'results-convert.json'));
 const cli = path.resolve(opt('cli', path.join(root, 'dist', 'cli.js')));
 if (!existsSync(cli)) {
   console.error('dist/cli.js is missing: run `npm run build` first');
@@ -244,7 +245,8 @@ const results = {
     cpuModel: os.cpus()[0]?.model,
     node: process.version,
     qemuImg: execFileSync('qemu-img', ['--version'], { encoding: 'utf8' }).split('\n')[0],
-    gitHead: spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).stdout.trim(),
+    // The commit the benchmarked CLI was built from (its checkout, e.g. a worktree given with --cli).
+    cliGitHead: spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: path.dirname(cli), encoding: 'utf8' }).stdout.trim(),
   },
   runs: RUNS,
   verify: VERIFY,
@@ -284,7 +286,7 @@ for (const c of cases) {
 }
 results.loadAverageAtEnd = os.loadavg();
 const header = ['convert', 'qimg s', 'qemu-img s', 'ratio', 'target', 'qimg u+s', 'qemu-img u+s', 'qimg RSS MiB (< 100)', 'qemu-img RSS MiB', 'identical (qimg/qemu-img)'];
-const title = `qimg convert vs qemu-img convert, 2 GiB ext4 image (1.2 GB of files) and a 1 TiB sparse qcow2; median of ${RUNS} alternating runs (${results.host.cpus} CPUs ${results.host.cpuModel ?? ''}, Node ${results.host.node}, ${results.host.qemuImg}, ${results.date.slice(0, 10)}, load ${results.loadAverageAtStart.map((x) => x.toFixed(1)).join(' ')})`;
+const title = `qimg convert vs qemu-img convert, 2 GiB ext4 image (1.2 GB of files) and a 1 TiB sparse qcow2; median of ${RUNS} alternating runs (qimg ${results.host.cliGitHead}, ${results.host.cpus} CPUs ${results.host.cpuModel ?? ''}, Node ${results.host.node}, ${results.host.qemuImg}, ${results.date.slice(0, 10)}, load ${results.loadAverageAtStart.map((x) => x.toFixed(1)).join(' ')})`;
 console.log(title);
 if (MARKDOWN) {
   console.log(`| ${header.join(' | ')} |`);
@@ -297,5 +299,5 @@ if (MARKDOWN) {
   for (const r of rows) console.log(line(r));
 }
 for (const [id, e] of Object.entries(results.cases)) if (e.qimg.pending) console.log(`pending ${id}: ${e.qimg.pending}`);
-writeFileSync(path.join(out, 'results-convert.json'), JSON.stringify(results, null, 2) + '\n');
-console.log(`results: ${path.relative(process.cwd(), path.join(out, 'results-convert.json'))}`);
+writeFileSync(RESULTS, JSON.stringify(results, null, 2) + '\n');
+console.log(`results: ${path.relative(process.cwd(), RESULTS)}`);
