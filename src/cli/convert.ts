@@ -321,9 +321,11 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         await created.close();
       }
     }
+    // qemu-img convert writes its target with cache=unsafe unless -t says otherwise: no syncs.
+    const unsafeCache = dstCache === undefined || dstCache === 'unsafe';
     if (rawFast) {
       try {
-        target = await FileStorage.open(outFilename, { readOnly: false });
+        target = await FileStorage.open(outFilename, { readOnly: false, noFlush: unsafeCache });
       } catch (e) {
         throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
       }
@@ -335,7 +337,8 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         throw new CliError(`Unknown driver '${outFmt}'`);
       }
       try {
-        targetImage = (await openImage(outFilename, { readOnly: false, format: outFmt })).image;
+        const storage = await FileStorage.open(outFilename, { readOnly: false, noFlush: unsafeCache });
+        targetImage = (await openImage(storage, { readOnly: false, format: outFmt })).image;
       } catch (e) {
         throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
       }

@@ -15,6 +15,11 @@ export interface FileStorageOptions extends OpenStorageOptions {
    * Default true; QIMG_NO_NATIVE=1 disables them regardless.
    */
   native?: boolean;
+  /**
+   * flush() does not sync to the medium: QEMU's cache=unsafe (cache.no-flush), which qemu-img
+   * convert uses for its target by default. Data still reaches the file; only durability is waived.
+   */
+  noFlush?: boolean;
 }
 
 /** strerror(3) texts for the errno codes Node reports, as QEMU prints them. */
@@ -96,6 +101,9 @@ export class FileStorage implements Storage {
     this.nativeWriteZeroes(offset, length);
   private readonly allocateFn = (offset: number, length: number): Promise<void> => this.nativeAllocate(offset, length);
 
+  /** See FileStorageOptions.noFlush. */
+  private noFlush = false;
+
   private constructor(name: string, handle: FileHandle, readOnly: boolean, nativeWanted: boolean) {
     this.name = name;
     this.handle = handle;
@@ -158,7 +166,9 @@ export class FileStorage implements Storage {
       throw wrap('Could not open', path, err);
     }
     const nativeWanted = options.native !== false && nativeAllowed();
-    return new FileStorage(path, handle, options.readOnly && !options.create, nativeWanted);
+    const storage = new FileStorage(path, handle, options.readOnly && !options.create, nativeWanted);
+    storage.noFlush = options.noFlush ?? false;
+    return storage;
   }
 
   /** The OS file descriptor (for native calls); stays valid until close. */
@@ -259,7 +269,7 @@ export class FileStorage implements Storage {
 
   async flush(): Promise<void> {
     checkOpen(this.name, this.closed);
-    if (this.readOnly) return;
+    if (this.readOnly || this.noFlush) return;
     try {
       // QEMU's flush of a file is fdatasync.
       await this.handle.datasync();
