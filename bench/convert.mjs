@@ -20,105 +20,21 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { cpSync, existsSync, lstatSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { args, buildExt4Images, images as ext4Images, log, opt, out, requireCli, root, timed, toolEntry } from './lib.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const root = path.resolve(here, '..');
-const out = path.join(here, 'out');
-mkdirSync(out, { recursive: true });
-
-const args = process.argv.slice(2);
-const opt = (name, dflt) => {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 ? args[i + 1] : dflt;
-};
 const RUNS = Number(opt('runs', 5));
 const DATA_BYTES = Number(opt('data-mb', 1200)) * 1e6;
 const VERIFY = opt('verify', 'all');
 const MARKDOWN = args.includes('--markdown');
 const RESULTS = path.join(out, opt('out', 'results-convert.json'));
-const cli = path.resolve(opt('cli', path.join(root, 'dist', 'cli.js')));
-if (!existsSync(cli)) {
-  console.error('dist/cli.js is missing: run `npm run build` first');
-  process.exit(1);
-}
-const TIME = '/usr/bin/time';
-if (!existsSync(TIME)) {
-  console.error('/usr/bin/time is missing: apt-get install time');
-  process.exit(1);
-}
-const log = (...a) => console.error('[bench]', ...a);
+const cli = requireCli();
 
 // ---- images (cached; built as bench/read.mjs builds them) -------------------------------------
 
-const ext4 = path.join(out, 'ext4-2g.raw');
-const images = {
-  raw: ext4,
-  qcow2: path.join(out, 'ext4-2g.qcow2'),
-  zlib: path.join(out, 'ext4-2g-zlib.qcow2'),
-  zstd: path.join(out, 'ext4-2g-zstd.qcow2'),
-  sparse1t: path.join(out, 'sparse-1t.qcow2'),
-};
-
-function fillTree(dest, budget) {
-  let copied = 0;
-  const sources = ['/usr/lib', '/usr/share', '/usr/bin'];
-  const walk = (dir) => {
-    let entries;
-    try {
-      entries = readdirSync(dir, { withFileTypes: true });
-    } catch {
-      return;
-    }
-    for (const e of entries) {
-      if (copied >= budget) return;
-      const p = path.join(dir, e.name);
-      if (p.startsWith(out) || p.startsWith('/usr/lib/node_modules')) continue;
-      if (e.isDirectory()) walk(p);
-      else if (e.isFile()) {
-        let st;
-        try {
-          st = lstatSync(p);
-        } catch {
-          continue;
-        }
-        if (st.size > 200e6) continue;
-        const target = path.join(dest, p);
-        try {
-          mkdirSync(path.dirname(target), { recursive: true });
-          cpSync(p, target);
-          copied += st.size;
-        } catch {
-          /* unreadable: skip */
-        }
-      }
-    }
-  };
-  for (const s of sources) walk(s);
-  return copied;
-}
+const images = { ...ext4Images, sparse1t: path.join(out, 'sparse-1t.qcow2') };
 
 function buildImages() {
-  if (!existsSync(ext4)) {
-    const tree = path.join(out, 'tree');
-    rmSync(tree, { recursive: true, force: true });
-    mkdirSync(tree, { recursive: true });
-    log(`copying ~${(DATA_BYTES / 1e9).toFixed(1)} GB of real files into ${tree}`);
-    const copied = fillTree(tree, DATA_BYTES);
-    log(`copied ${(copied / 1e9).toFixed(2)} GB; mke2fs -t ext4 -d`);
-    execFileSync('mke2fs', ['-q', '-F', '-t', 'ext4', '-d', tree, ext4 + '.tmp', '2G'], { stdio: 'inherit' });
-    execFileSync('mv', [ext4 + '.tmp', ext4]);
-    rmSync(tree, { recursive: true, force: true });
-  }
-  const mk = (target, extra) => {
-    if (existsSync(target)) return;
-    log(`qemu-img convert ${extra.join(' ')} -> ${path.basename(target)}`);
-    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', ...extra, ext4, target + '.tmp'], { stdio: 'inherit' });
-    execFileSync('mv', [target + '.tmp', target]);
-  };
-  mk(images.qcow2, []);
-  mk(images.zlib, ['-c', '-o', 'compression_type=zlib']);
-  mk(images.zstd, ['-c', '-o', 'compression_type=zstd']);
+  buildExt4Images(DATA_BYTES);
   if (!existsSync(images.sparse1t)) {
     const tmp = images.sparse1t + '.tmp';
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', tmp, '1T']);
@@ -132,39 +48,6 @@ function buildImages() {
 
 // ---- timing ------------------------------------------------------------------------------------
 
-/** Runs cmd under /usr/bin/time -v: wall seconds (measured here), user/sys CPU seconds, peak RSS (KiB). */
-function timed(cmd, cmdArgs) {
-  const t0 = process.hrtime.bigint();
-  const r = spawnSync(TIME, ['-v', cmd, ...cmdArgs], { encoding: 'utf8', maxBuffer: 64 << 20 });
-  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  if (r.status !== 0) {
-    const err = r.stderr.split('\n').filter((l) => !/^\s|^Command (exited|being timed)/.test(l) && l.trim()).join('\n');
-    return { error: `exit ${r.status}: ${err}` };
-  }
-  const rss = /Maximum resident set size \(kbytes\): (\d+)/.exec(r.stderr);
-  const user = /User time \(seconds\): ([\d.]+)/.exec(r.stderr);
-  const sys = /System time \(seconds\): ([\d.]+)/.exec(r.stderr);
-  if (!rss || !user || !sys) throw new Error(`cannot parse /usr/bin/time output:\n${r.stderr}`);
-  return { seconds, rssKiB: Number(rss[1]), user: Number(user[1]), sys: Number(sys[1]) };
-}
-
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
-
-function toolEntry(runs) {
-  return {
-    seconds: runs.map((r) => r.seconds),
-    medianSeconds: median(runs.map((r) => r.seconds)),
-    medianUser: median(runs.map((r) => r.user)),
-    medianSys: median(runs.map((r) => r.sys)),
-    medianCpu: median(runs.map((r) => r.user + r.sys)),
-    peakRssKiB: Math.max(...runs.map((r) => r.rssKiB)),
-  };
-}
-
-/** qemu-img compare of the output with the source (seconds spent, outside the measurement). */
 function verify(c, target) {
   const t0 = process.hrtime.bigint();
   const r = spawnSync('qemu-img', ['compare', '-f', c.srcFmt, '-F', c.outFmt, c.src, target], { encoding: 'utf8' });

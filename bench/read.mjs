@@ -18,145 +18,26 @@ import { createHash } from 'node:crypto';
 import { cpSync, existsSync, mkdirSync, readdirSync, lstatSync, rmSync, statSync, writeFileSync, openSync, readSync, closeSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
+import { args, buildExt4Images, ext4, images, log, median, opt, out, requireCli, root, timed, toolEntry } from './lib.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const root = path.resolve(here, '..');
-const out = path.join(here, 'out');
-mkdirSync(out, { recursive: true });
-
-const args = process.argv.slice(2);
-const opt = (name, dflt) => {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 ? args[i + 1] : dflt;
-};
 const RUNS = Number(opt('runs', 5));
 const DATA_BYTES = Number(opt('data-mb', 1200)) * 1e6;
 const ONLY = opt('only', 'qcow2,zlib,zstd,raw').split(',');
 
-const cli = path.resolve(opt('cli', path.join(root, 'dist', 'cli.js')));
-if (!existsSync(cli)) {
-  console.error('dist/cli.js is missing: run `npm run build` first');
-  process.exit(1);
-}
-const TIME = '/usr/bin/time';
-if (!existsSync(TIME)) {
-  console.error('/usr/bin/time is missing: apt-get install time');
-  process.exit(1);
-}
-
-const log = (...a) => console.error('[bench]', ...a);
+const cli = requireCli();
 
 // ---- images (cached) -------------------------------------------------------------------------
 
-const ext4 = path.join(out, 'ext4-2g.raw');
-const images = {
-  raw: ext4,
-  qcow2: path.join(out, 'ext4-2g.qcow2'),
-  zlib: path.join(out, 'ext4-2g-zlib.qcow2'),
-  zstd: path.join(out, 'ext4-2g-zstd.qcow2'),
-};
-
-/** Copies regular files from the source trees into dest until budget bytes are copied. */
-function fillTree(dest, budget) {
-  let copied = 0;
-  const sources = ['/usr/lib', '/usr/share', '/usr/bin'];
-  const walk = (dir) => {
-    let entries;
-    try {
-      entries = readdirSync(dir, { withFileTypes: true });
-    } catch {
-      return;
-    }
-    for (const e of entries) {
-      if (copied >= budget) return;
-      const p = path.join(dir, e.name);
-      if (p.startsWith(out) || p.startsWith('/usr/lib/node_modules')) continue;
-      if (e.isDirectory()) walk(p);
-      else if (e.isFile()) {
-        let st;
-        try {
-          st = lstatSync(p);
-        } catch {
-          continue;
-        }
-        if (st.size > 200e6) continue;
-        const target = path.join(dest, p);
-        try {
-          mkdirSync(path.dirname(target), { recursive: true });
-          cpSync(p, target);
-          copied += st.size;
-        } catch {
-          /* unreadable: skip */
-        }
-      }
-    }
-  };
-  for (const s of sources) walk(s);
-  return copied;
-}
-
-function buildImages() {
-  if (!existsSync(ext4)) {
-    const tree = path.join(out, 'tree');
-    rmSync(tree, { recursive: true, force: true });
-    mkdirSync(tree, { recursive: true });
-    log(`copying ~${(DATA_BYTES / 1e9).toFixed(1)} GB of real files into ${tree}`);
-    const copied = fillTree(tree, DATA_BYTES);
-    log(`copied ${(copied / 1e9).toFixed(2)} GB; mke2fs -t ext4 -d`);
-    execFileSync('mke2fs', ['-q', '-F', '-t', 'ext4', '-d', tree, ext4 + '.tmp', '2G'], { stdio: 'inherit' });
-    execFileSync('mv', [ext4 + '.tmp', ext4]);
-    rmSync(tree, { recursive: true, force: true });
-  }
-  const mk = (target, extra) => {
-    if (existsSync(target)) return;
-    log(`qemu-img convert ${extra.join(' ')} -> ${path.basename(target)}`);
-    execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', ...extra, ext4, target + '.tmp'], { stdio: 'inherit' });
-    execFileSync('mv', [target + '.tmp', target]);
-  };
-  mk(images.qcow2, []);
-  mk(images.zlib, ['-c', '-o', 'compression_type=zlib']);
-  mk(images.zstd, ['-c', '-o', 'compression_type=zstd']);
-}
+const buildImages = () => buildExt4Images(DATA_BYTES);
 
 // ---- timing ----------------------------------------------------------------------------------
 
-/** Runs cmd under /usr/bin/time -v; returns wall seconds and peak RSS (KiB). */
-function timed(cmd, cmdArgs) {
-  const r = spawnSync(TIME, ['-v', cmd, ...cmdArgs], { encoding: 'utf8', maxBuffer: 64 << 20 });
-  if (r.status !== 0) throw new Error(`${cmd} ${cmdArgs.join(' ')} failed (${r.status}):\n${r.stderr}`);
-  const wall = /Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)/.exec(r.stderr);
-  const rss = /Maximum resident set size \(kbytes\): (\d+)/.exec(r.stderr);
-  const user = /User time \(seconds\): ([\d.]+)/.exec(r.stderr);
-  const sys = /System time \(seconds\): ([\d.]+)/.exec(r.stderr);
-  if (!wall || !rss || !user || !sys) throw new Error(`cannot parse /usr/bin/time output:\n${r.stderr}`);
-  const seconds = Number(wall[1] ?? 0) * 3600 + Number(wall[2]) * 60 + Number(wall[3]);
-  return { seconds, rssKiB: Number(rss[1]), user: Number(user[1]), sys: Number(sys[1]) };
-}
-
-/** Wall time measured here too (time -v has 10 ms resolution). */
 function timedPrecise(cmd, cmdArgs) {
-  const t0 = process.hrtime.bigint();
   const r = timed(cmd, cmdArgs);
-  const t1 = process.hrtime.bigint();
-  return { seconds: Number(t1 - t0) / 1e9, rssKiB: r.rssKiB, user: r.user, sys: r.sys };
+  if (r.error) throw new Error(`${cmd} ${cmdArgs.join(' ')} failed: ${r.error}`);
+  return r;
 }
-
-/** Per-tool summary: all wall times, medians of wall/user/sys, peak RSS. */
-function toolEntry(runs) {
-  return {
-    seconds: runs.map((r) => r.seconds),
-    medianSeconds: median(runs.map((r) => r.seconds)),
-    medianUser: median(runs.map((r) => r.user)),
-    medianSys: median(runs.map((r) => r.sys)),
-    peakRssKiB: Math.max(...runs.map((r) => r.rssKiB)),
-  };
-}
-
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 function sha256File(file) {
   const h = createHash('sha256');
