@@ -4,6 +4,7 @@
 import { read as fsRead, write as fsWrite } from 'node:fs';
 import { open as fsOpen, type FileHandle } from 'node:fs/promises';
 import type { OpenStorageOptions, Storage, StorageExtent } from './storage.js';
+import { extentCollector } from './storage.js';
 import { IoError, UsageError } from '../errors.js';
 import { checkOpen, checkRange, checkWritable } from './check.js';
 import { loadNative, nativeAllowed, NATIVE_ENXIO, type NativeFileOps } from './native.js';
@@ -304,16 +305,8 @@ export class FileStorage implements Storage {
     checkRange(this.name, offset, length);
     const native = this.native!;
     const end = Math.min(await this.size(), offset + length);
-    const out: StorageExtent[] = [];
+    const { out, push } = extentCollector(offset, end);
     if (end <= offset) return out;
-    const push = (start: number, stop: number, hole: boolean): void => {
-      const s = Math.max(start, offset);
-      const e = Math.min(stop, end);
-      if (e <= s) return;
-      const last = out[out.length - 1];
-      if (last && last.hole === hole && last.offset + last.length === s) last.length += e - s;
-      else out.push({ offset: s, length: e - s, hole });
-    };
     const fd = this.handle.fd;
     let pos = offset;
     while (pos < end) {

@@ -1,6 +1,7 @@
 // An in-memory Storage: growable and sparse (fixed-size chunks in a Map; absent chunks are holes).
 
 import type { Storage, StorageExtent } from './storage.js';
+import { extentCollector } from './storage.js';
 import { checkOpen, checkRange, checkWritable } from './check.js';
 import { isZero } from './zero.js';
 
@@ -117,15 +118,7 @@ export class MemoryStorage implements Storage {
     checkRange(this.name, offset, length);
     const end = Math.min(this.byteSize, offset + length);
     if (end <= offset) return [];
-    const out: StorageExtent[] = [];
-    const push = (start: number, stop: number, hole: boolean): void => {
-      const s = Math.max(start, offset);
-      const e = Math.min(stop, end);
-      if (e <= s) return;
-      const last = out[out.length - 1];
-      if (last && last.hole === hole && last.offset + last.length === s) last.length += e - s;
-      else out.push({ offset: s, length: e - s, hole });
-    };
+    const { out, push } = extentCollector(offset, end);
     const first = Math.floor(offset / this.chunkSize);
     const lastIndex = Math.floor((end - 1) / this.chunkSize);
     let pos = offset;

@@ -45,6 +45,29 @@ export interface Storage {
   allocatedSize?(): Promise<number>;
 }
 
+/**
+ * Collects data/hole runs for the window [offset, end): pushed runs are clipped to the window and
+ * merged with the previous run when adjacent and of the same kind. Every extents() implementation
+ * and the zero scan build their answer with it.
+ */
+export function extentCollector(offset: number, end: number): {
+  out: StorageExtent[];
+  push(start: number, stop: number, hole: boolean): void;
+} {
+  const out: StorageExtent[] = [];
+  return {
+    out,
+    push(start, stop, hole) {
+      const s = Math.max(start, offset);
+      const e = Math.min(stop, end);
+      if (e <= s) return;
+      const last = out[out.length - 1];
+      if (last && last.hole === hole && last.offset + last.length === s) last.length += e - s;
+      else out.push({ offset: s, length: e - s, hole });
+    },
+  };
+}
+
 export interface OpenStorageOptions {
   readOnly: boolean;
   /** Create the file (truncating an existing one) instead of opening it. */

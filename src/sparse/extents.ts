@@ -1,6 +1,7 @@
 // Data/hole extents of a storage (the native capability or a zero scan) and the zeroing fallbacks.
 
 import type { Storage, StorageExtent } from '../io/storage.js';
+import { extentCollector } from '../io/storage.js';
 import { isZero, writeZeroBytes } from '../io/zero.js';
 
 export { isZero } from '../io/zero.js';
@@ -28,13 +29,8 @@ export async function storageExtents(storage: Storage, offset: number, length: n
 export async function scanExtents(storage: Storage, offset: number, length: number): Promise<StorageExtent[]> {
   const size = await storage.size();
   const end = Math.min(size, offset + length);
-  const out: StorageExtent[] = [];
+  const { out, push } = extentCollector(offset, end);
   if (end <= offset) return out;
-  const push = (start: number, stop: number, hole: boolean): void => {
-    const last = out[out.length - 1];
-    if (last && last.hole === hole && last.offset + last.length === start) last.length += stop - start;
-    else out.push({ offset: start, length: stop - start, hole });
-  };
   const buf = new Uint8Array(Math.min(SCAN_CHUNK_SIZE, end - offset + SCAN_BLOCK_SIZE));
   let pos = offset;
   while (pos < end) {
