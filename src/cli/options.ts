@@ -46,7 +46,7 @@ const RAW_KINDS: Record<string, Kind> = { size: 'size', preallocation: 'string',
 const SIZE_SUFFIX: Record<string, number> = { '': 0, b: 0, k: 10, m: 20, g: 30, t: 40, p: 50, e: 60 };
 
 /** QemuOpts' size parser (qemu_strtosz): errors read as qemu-img prints them. */
-function parseSize(name: string, value: string): number {
+export function parseSize(name: string, value: string): number {
   const m = /^\s*(\d+(?:\.\d*)?|0[xX][0-9a-fA-F]+)\s*([bBkKmMgGtTpPeE]?)$/.exec(value);
   if (m) {
     const num = m[1]!.startsWith('0x') || m[1]!.startsWith('0X') ? Number.parseInt(m[1]!, 16) : Number(m[1]);

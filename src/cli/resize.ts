@@ -4,6 +4,7 @@ import { getopt, type OptionSpec } from './getopt.js';
 import { CliError, checkFormat, errorText, usageError, type CliContext } from './common.js';
 import { openImage } from '../open.js';
 import { QimgError } from '../errors.js';
+import { parseSize } from './options.js';
 
 const OPTIONS: OptionSpec[] = [
   { key: 'help', short: 'h', long: 'help', hasArg: false },
@@ -16,22 +17,6 @@ const OPTIONS: OptionSpec[] = [
 ];
 
 const PREALLOC_MODES = new Set(['off', 'metadata', 'falloc', 'full']);
-const SIZE_SUFFIX: Record<string, number> = { '': 0, b: 0, k: 10, m: 20, g: 30, t: 40, p: 50, e: 60 };
-
-/** The size operand as QemuOpts' size option parses it (qemu_strtosz). */
-function parseSizeOperand(text: string): number {
-  const m = /^\s*(\d+(?:\.\d*)?|0[xX][0-9a-fA-F]+)\s*([bBkKmMgGtTpPeE]?)$/.exec(text);
-  if (m) {
-    const digits = m[1]!;
-    const num = /^0[xX]/.test(digits) ? Number.parseInt(digits, 16) : Number(digits);
-    const n = Math.round(num * 2 ** SIZE_SUFFIX[m[2]!.toLowerCase()]!);
-    if (Number.isSafeInteger(n)) return n;
-  }
-  throw new CliError("Parameter 'size' expects a non-negative number below 2^64", {
-    trailer: 'Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.',
-  });
-}
-
 /** QEMU's raw-format warning when a probed raw image is opened for writing. */
 function probedRawWarning(filename: string): string {
   return (
@@ -75,7 +60,8 @@ export async function cmdResize(args: string[], ctx: CliContext, showHelp: () =>
     relative = -1;
     text = text.slice(1);
   }
-  const n = parseSizeOperand(text);
+  // The size operand goes through QemuOpts' size parser, as in qemu-img.
+  const n = parseSize('size', text);
 
   const prefix = `Could not open '${filename}': `;
   const format = fmt === undefined ? undefined : checkFormat(fmt, prefix);
