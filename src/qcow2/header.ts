@@ -3,7 +3,7 @@
 
 import { FormatError, UnsupportedError } from '../errors.js';
 import {
-  AUTOCLEAR_BITMAPS, MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES, COMPRESSION_TYPE_OFFSET, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE,
+  readU64, AUTOCLEAR_BITMAPS, MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES, COMPRESSION_TYPE_OFFSET, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE,
   INCOMPAT_COMPRESSION, INCOMPAT_MASK, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
   MAX_SNAPSHOTS, MIN_CLUSTER_BITS, QCOW2_MAGIC, SNAPSHOT_HEADER_SIZE, V2_HEADER_LENGTH, V3_MIN_HEADER_LENGTH,
 } from './layout.js';
@@ -61,12 +61,6 @@ export interface Qcow2Header {
 const KNOWN_HEADER_BYTES = 112;
 const decoder = new TextDecoder('utf-8', { fatal: false });
 
-function u64(view: DataView, at: number, what: string): number {
-  const hi = view.getUint32(at);
-  const lo = view.getUint32(at + 4);
-  if (hi >= 0x200000) throw new FormatError(`${what} too large`);
-  return hi * 4294967296 + lo;
-}
 
 function big64(view: DataView, at: number): bigint {
   return view.getBigUint64(at);
@@ -89,17 +83,17 @@ export function parseHeader(head: Uint8Array): Qcow2Header {
   const clusterSize = 2 ** clusterBits;
   const h: Qcow2Header = {
     version: version as 2 | 3,
-    backingFileOffset: u64(view, 8, 'Backing file offset'),
+    backingFileOffset: readU64(view, 8, 'Backing file offset'),
     backingFileSize: view.getUint32(16),
     clusterBits,
-    size: u64(view, 24, 'Image size'),
+    size: readU64(view, 24, 'Image size'),
     cryptMethod: view.getUint32(32),
     l1Size: view.getUint32(36),
-    l1TableOffset: u64(view, 40, 'Active L1 table offset'),
-    refcountTableOffset: u64(view, 48, 'Reference count table offset'),
+    l1TableOffset: readU64(view, 40, 'Active L1 table offset'),
+    refcountTableOffset: readU64(view, 48, 'Reference count table offset'),
     refcountTableClusters: view.getUint32(56),
     nbSnapshots: view.getUint32(60),
-    snapshotsOffset: u64(view, 64, 'Snapshot table offset'),
+    snapshotsOffset: readU64(view, 64, 'Snapshot table offset'),
     incompatibleFeatures: 0n,
     compatibleFeatures: 0n,
     autoclearFeatures: 0n,
@@ -209,8 +203,8 @@ function readExtensions(h: Qcow2Header, head: Uint8Array, view: DataView, extEnd
         if (dv.getUint32(4) !== 0) throw new FormatError('bitmaps_ext: Reserved field is not zero');
         h.bitmaps = {
           nbBitmaps: dv.getUint32(0),
-          directorySize: u64(dv, 8, 'Bitmap directory size'),
-          directoryOffset: u64(dv, 16, 'Bitmap directory offset'),
+          directorySize: readU64(dv, 8, 'Bitmap directory size'),
+          directoryOffset: readU64(dv, 16, 'Bitmap directory offset'),
         };
         if (h.bitmaps.nbBitmaps > MAX_BITMAPS) {
           throw new FormatError(`bitmaps_ext: Image has ${h.bitmaps.nbBitmaps} bitmaps, exceeding the QEMU supported maximum of ${MAX_BITMAPS}`);

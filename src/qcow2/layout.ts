@@ -1,5 +1,7 @@
 // On-disk constants, masks and offset math of qcow2 (the role of QEMU's qcow2.h), shared by every file here.
 
+import { FormatError } from '../errors.js';
+
 export const QCOW2_MAGIC = 0x514649fb;
 export const MIN_CLUSTER_BITS = 9;
 export const MAX_CLUSTER_BITS = 21;
@@ -55,12 +57,17 @@ export function entryOffset(hi: number, lo: number): number {
   return high * TWO_POW_32 + ((lo & 0xfffffe00) >>> 0);
 }
 
-/** Reads a big-endian u64 that must fit a JS number exactly; larger values return -1. */
-export function readU64(view: DataView, at: number): number {
+/** Reads a big-endian u64 that must fit a JS number exactly; larger values are a FormatError naming `what`. */
+export function readU64(view: DataView, at: number, what: string): number {
   const hi = view.getUint32(at);
   const lo = view.getUint32(at + 4);
-  if (hi >= 0x200000) return -1;
+  if (hi >= 0x200000) throw new FormatError(`${what} too large`);
   return hi * TWO_POW_32 + lo;
+}
+
+/** Reads a big-endian u64 for counters that may exceed 2^53 (clocks, sizes shown to users): precision may drop. */
+export function readU64Lossy(view: DataView, at: number): number {
+  return view.getUint32(at) * TWO_POW_32 + view.getUint32(at + 4);
 }
 
 export function isAligned(value: number, alignment: number): boolean {

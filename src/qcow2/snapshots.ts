@@ -3,7 +3,7 @@
 import { FormatError } from '../errors.js';
 import type { Storage } from '../io/storage.js';
 import { readFullZeroFill } from '../io/storage.js';
-import { MAX_SNAPSHOTS_TABLE_BYTES, MAX_SNAPSHOT_EXTRA_DATA, SNAPSHOT_HEADER_SIZE, TWO_POW_32 } from './layout.js';
+import { MAX_SNAPSHOTS_TABLE_BYTES, MAX_SNAPSHOT_EXTRA_DATA, SNAPSHOT_HEADER_SIZE, TWO_POW_32, readU64, readU64Lossy } from './layout.js';
 
 export interface Qcow2Snapshot {
   l1TableOffset: number;
@@ -42,11 +42,6 @@ class WindowReader {
   }
 }
 
-function u64(view: DataView, at: number): number {
-  const hi = view.getUint32(at);
-  const lo = view.getUint32(at + 4);
-  return hi * TWO_POW_32 + lo;
-}
 
 const decoder = new TextDecoder();
 
@@ -61,7 +56,7 @@ export async function readSnapshotTable(
     pos = Math.ceil(pos / 8) * 8;
     const head = await reader.bytes(pos, SNAPSHOT_HEADER_SIZE);
     const hv = new DataView(head.buffer, head.byteOffset, head.byteLength);
-    const l1TableOffset = u64(hv, 0);
+    const l1TableOffset = readU64(hv, 0, `Snapshot ${i} L1 table offset`);
     const l1Size = hv.getUint32(8);
     const idSize = hv.getUint16(12);
     const nameSize = hv.getUint16(14);
@@ -69,7 +64,7 @@ export async function readSnapshotTable(
     const snap: Qcow2Snapshot = {
       l1TableOffset, l1Size, id: '', name: '',
       dateSec: hv.getUint32(16), dateNsec: hv.getUint32(20),
-      vmClockNsec: u64(hv, 24), vmStateSize: hv.getUint32(32),
+      vmClockNsec: readU64Lossy(hv, 24), vmStateSize: hv.getUint32(32),
       diskSize: imageSize, icount: -1, unknownExtraData: new Uint8Array(0), extraDataSize,
     };
     pos += SNAPSHOT_HEADER_SIZE;
@@ -79,8 +74,8 @@ export async function readSnapshotTable(
     if (extraDataSize > 0) {
       const extra = await reader.bytes(pos, extraDataSize);
       const ev = new DataView(extra.buffer, extra.byteOffset, extra.byteLength);
-      if (extraDataSize >= 8) snap.vmStateSize = u64(ev, 0);
-      if (extraDataSize >= 16) snap.diskSize = u64(ev, 8);
+      if (extraDataSize >= 8) snap.vmStateSize = readU64Lossy(ev, 0);
+      if (extraDataSize >= 16) snap.diskSize = readU64(ev, 8, `Snapshot ${i} disk size`);
       if (extraDataSize >= 24) {
         const hi = ev.getUint32(16);
         const lo = ev.getUint32(20);
