@@ -29,6 +29,8 @@ const L2_CACHE_BYTES = 4 * 1024 * 1024;
 const L2_CACHE_BYTES_WRITABLE = 32 * 1024 * 1024;
 /** Decompressed clusters kept so that reads splitting a compressed cluster decompress it once. */
 const DECOMPRESSED_CACHE_CLUSTERS = 4;
+/** Compressed-data read buffers kept for reuse (as many as reads usually run at once). */
+const MAX_SPARE_READ_BUFFERS = 16;
 
 export interface Qcow2OpenOptions {
   /** Opens the external data file (called lazily, on the first access to guest data). */
@@ -57,6 +59,7 @@ export class Qcow2Driver implements FormatDriver {
   private dataStorage: Promise<Storage> | null = null;
   private codec: Promise<ClusterCodec> | null = null;
   private readonly decompressed = new Map<number, Promise<Uint8Array>>();
+  private readonly compressedReadBuffers: Uint8Array[] = [];
   /** True when QEMU would detect metadata preallocation (block status then looks through to the host file). */
   private metadataPreallocation: boolean | null = null;
 
@@ -334,12 +337,19 @@ export class Qcow2Driver implements FormatDriver {
     if (!desc) {
       throw new FormatError(`Compressed cluster offset out of range (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`);
     }
-    const src = new Uint8Array(desc.length);
-    await readFullZeroFill(this.storage, src, desc.hostOffset);
-    if (!this.codec) this.codec = getCodec(this.header.compressionType === 1 ? 'zstd' : 'zlib');
-    const codec = await this.codec;
-    await codec.decompress(src, out);
-    return out;
+    // A compressed cluster spans at most 2 clusters of sectors; the read buffers are reused so that
+    // bulk reads of compressed images allocate nothing per cluster.
+    const spare = this.compressedReadBuffers.pop() ?? new Uint8Array(2 * this.clusterSize);
+    try {
+      const src = spare.subarray(0, desc.length);
+      await readFullZeroFill(this.storage, src, desc.hostOffset);
+      if (!this.codec) this.codec = getCodec(this.header.compressionType === 1 ? 'zstd' : 'zlib');
+      const codec = await this.codec;
+      await codec.decompress(src, out);
+      return out;
+    } finally {
+      if (this.compressedReadBuffers.length < MAX_SPARE_READ_BUFFERS) this.compressedReadBuffers.push(spare);
+    }
   }
 
   /**
