@@ -11,9 +11,10 @@
 //   uncompressed when it does not fit.
 
 import zlib from 'node:zlib';
-import { FormatError } from '../errors.js';
-import { ZstdWorkerPool, defaultWorkerPath, type ZstdPoolOptions } from './zstd-pool.js';
-import { ZSTD_DEFAULT_LEVEL, loadZstdWasm, zstdCompressSync, zstdDecompressNativeAsync, zstdDecompressSync } from './zstd-wasm.js';
+import { FormatError, QimgError } from '../errors.js';
+import { zstdRoom } from './zstd-protocol.js';
+import { ZstdBatchPool, ZstdWorkerPool, availableParallelism, defaultWorkerPath, type ZstdPoolOptions } from './zstd-pool.js';
+import { ZSTD_DEFAULT_LEVEL, loadZstdWasm, zstdCompressInto, zstdDecompressNativeAsync, zstdDecompressSync } from './zstd-wasm.js';
 import { loadZstdNative } from './zstd-native.js';
 
 export type CompressionType = 'zlib' | 'zstd';
@@ -24,6 +25,11 @@ export interface ClusterCodec {
   decompress(src: Uint8Array, dst: Uint8Array): Promise<void>;
   /** Compresses one cluster; returns null when the result would not fit in maxLength bytes (QEMU: cluster_size - 1). */
   compress(src: Uint8Array, maxLength: number): Promise<Uint8Array | null>;
+  /**
+   * compress() for several clusters at once (one result per chunk, in order): with native zstd
+   * they go to the worker threads as one batch. The chunks must stay untouched until it settles.
+   */
+  compressMany(chunks: readonly Uint8Array[], maxLength: number): Promise<(Uint8Array | null)[]>;
 }
 
 /** The qcow2 header's compression_type byte for each codec. */
@@ -144,6 +150,9 @@ const zlibCodec: ClusterCodec = {
     const out = await deflateRawAsync(src);
     return out.length <= maxLength ? out : null;
   },
+  compressMany(chunks, maxLength) {
+    return Promise.all(chunks.map((c) => zlibCodec.compress(c, maxLength)));
+  },
 };
 
 function zlibError(err: unknown, length: number): FormatError {
@@ -153,6 +162,7 @@ function zlibError(err: unknown, length: number): FormatError {
 // ---------------------------------------------------------------- zstd
 
 let sharedPool: ZstdWorkerPool | null | undefined;
+const sharedBatchPools = new Map<'native' | 'wasm', ZstdBatchPool | null>();
 
 /** The process-wide pool on dist/zstd-worker.js; null when that file is absent. */
 function defaultPool(): ZstdWorkerPool | null {
@@ -163,44 +173,44 @@ function defaultPool(): ZstdWorkerPool | null {
   return sharedPool;
 }
 
-/** Runs at most `limit` tasks at once; the rest wait in a queue. */
-class Slots {
-  private running = 0;
-  private readonly waiting: (() => void)[] = [];
-  constructor(private readonly limit: number) {}
-
-  async run<T>(task: () => Promise<T>): Promise<T> {
-    if (this.running >= this.limit) await new Promise<void>((resolve) => this.waiting.push(resolve));
-    else this.running++;
-    try {
-      return await task();
-    } finally {
-      const next = this.waiting.shift();
-      if (next) next();
-      else this.running--;
-    }
+/** The process-wide compression pool of an engine on dist/zstd-worker.js; null when that file is absent. */
+function defaultBatchPool(engine: 'native' | 'wasm'): ZstdBatchPool | null {
+  let pool = sharedBatchPools.get(engine);
+  if (pool === undefined) {
+    const workerPath = defaultWorkerPath();
+    pool = workerPath ? new ZstdBatchPool({ workerPath, engine, threads: batchThreads(engine) }) : null;
+    sharedBatchPools.set(engine, pool);
   }
+  return pool;
 }
 
 /**
- * Compressions handed to the worker pool at once: enough to keep every worker busy, few enough
- * that a convert queueing whole requests does not pile copies of its clusters (and their
- * results) into the workers' message queues.
+ * Compression workers: QIMG_ZSTD_THREADS, else one per core for libzstd (its workers are small:
+ * ~10 MiB each); WEBASM_THREADS_NOTE
  */
-const poolSlots = new Slots(8);
+function batchThreads(engine: 'native' | 'wasm'): number {
+  const cores = availableParallelism();
+  return Number(process.env.QIMG_ZSTD_THREADS) || (engine === 'native' ? cores : cores);
+}
 
 function makeZstdCodec(options: CodecOptions): ClusterCodec {
   const mode = options.zstdWorkers ?? 'auto';
-  let pool: ZstdWorkerPool | null = null;
-  if (mode !== 'thread') {
-    const custom = options.zstdPool;
-    if (custom?.workerPath) pool = new ZstdWorkerPool({ ...custom, workerPath: custom.workerPath });
-    else pool = defaultPool();
-  }
-  let decompressPool = mode === 'workers' ? pool : null;
-  const scratch: Uint8Array[] = [];
   const native = mode === 'auto' ? loadZstdNative() : null;
-  return {
+  const custom = options.zstdPool;
+  // Compression: in worker threads, in batches (ZstdBatchPool), by libzstd when it loads, else by
+  // the WebAssembly build.
+  let batchPool: ZstdBatchPool | null = null;
+  if (mode !== 'thread') {
+    const engine = native ? 'native' : 'wasm';
+    batchPool = custom?.workerPath
+      ? new ZstdBatchPool({ workerPath: custom.workerPath, engine, threads: custom.threads ?? batchThreads(engine) })
+      : defaultBatchPool(engine);
+  }
+  // Decompression in workers only when asked for (a round trip costs more than decoding one cluster).
+  let decompressPool: ZstdWorkerPool | null = null;
+  if (mode === 'workers') decompressPool = custom?.workerPath ? new ZstdWorkerPool({ ...custom, workerPath: custom.workerPath }) : defaultPool();
+  const scratch: Uint8Array[] = [];
+  const codec: ClusterCodec = {
     type: 'zstd',
     async decompress(src, dst) {
       if (native) {
@@ -222,36 +232,50 @@ function makeZstdCodec(options: CodecOptions): ClusterCodec {
       zstdDecompressSync(src, dst);
     },
     async compress(src, maxLength) {
+      if (batchPool) {
+        try {
+          return await batchPool.compress(src, maxLength, ZSTD_DEFAULT_LEVEL);
+        } catch {
+          // The workers could not run: in-thread from now on (which reports a real libzstd error again).
+          batchPool = null;
+        }
+      }
       if (native) {
-        // libzstd on the libuv pool: no worker threads (each held ~35 MiB with its WebAssembly
-        // heap) and about twice the speed of the WebAssembly build.
+        // libzstd on the libuv pool (koffi async calls): ~28 us of main-thread time per cluster,
+        // the fallback when there is no worker script (running the TypeScript sources).
         // Room for ZSTD_compressBound (a tighter buffer can fail for a frame that would fit it);
         // scratch buffers are reused (a fresh 64 KiB one per cluster was 20-30 MiB of garbage
         // ArrayBuffers at peak RSS during a convert).
-        const room = src.length + (src.length >>> 8) + 128;
+        const room = zstdRoom(src.length);
         let dst = scratch.pop();
         if (!dst || dst.length < room) dst = new Uint8Array(room);
         try {
           const n = await native.compressAsync(dst, src, ZSTD_DEFAULT_LEVEL);
-          if (n < 0) throw new Error(`zstd compression failed (libzstd error ${-n})`);
+          if (n < 0) throw new QimgError('IO', `zstd compression failed (libzstd error ${-n})`, { zstdError: -n });
           return n <= maxLength ? dst.slice(0, n) : null; // the frame only: queued clusters hold no scratch
         } finally {
           if (scratch.length < 16) scratch.push(dst);
         }
       }
-      if (pool) {
-        try {
-          const out = await poolSlots.run(() => pool!.compress(src, maxLength, ZSTD_DEFAULT_LEVEL));
-          return out ? new Uint8Array(out) : null;
-        } catch (err) {
-          if (err instanceof FormatError) throw err;
-          pool = null; // the worker could not run: stay in-thread from now on
-        }
-      }
+      // In this thread: one reused context and scratch buffer, the frame copied out.
       await loadZstdWasm();
-      return zstdCompressSync(src, maxLength);
+      const room = zstdRoom(src.length);
+      let dst = scratch.pop();
+      if (!dst || dst.length < room) dst = new Uint8Array(room);
+      try {
+        const n = zstdCompressInto(dst, src, ZSTD_DEFAULT_LEVEL);
+        if (n < 0) throw new QimgError('IO', `zstd compression failed (error ${-n})`, { zstdError: -n });
+        return n <= maxLength ? dst.slice(0, n) : null;
+      } finally {
+        if (scratch.length < 16) scratch.push(dst);
+      }
+    },
+    compressMany(chunks, maxLength) {
+      // All calls made at once: the worker pool sends calls made in one synchronous run as one batch.
+      return Promise.all(chunks.map((c) => codec.compress(c, maxLength)));
     },
   };
+  return codec;
 }
 
 // ---------------------------------------------------------------- registry
@@ -280,9 +304,8 @@ export class CodecRegistry {
       case 'zlib':
         return zlibCodec;
       case 'zstd':
-        // The WebAssembly build is the fallback of every path; with the native decoder in use
-        // it is only loaded when something is compressed.
-        if (!((this.options.zstdWorkers ?? 'auto') === 'auto' && loadZstdNative())) await loadZstdWasm();
+        // The WebAssembly build is loaded in this thread only when a call needs it here (each
+        // instance holds MiBs of heap; compressing in workers never does).
         return makeZstdCodec(this.options);
       default:
         throw new FormatError(`Unknown compression type ${String(type)}`);

@@ -23,6 +23,12 @@ export interface ZstdNativeDecoder {
   compressAsync(dst: Uint8Array, src: Uint8Array, level: number): Promise<number>;
 }
 
+/** Synchronous compression with one reused context: for worker threads (zstd-worker.ts), never the main thread. */
+export interface ZstdNativeCompressor {
+  /** As ZstdNativeDecoder.compressAsync, on the calling thread. */
+  compress(dst: Uint8Array, src: Uint8Array, level: number): number;
+}
+
 /**
  * Async decodes running at once (koffi refuses more than a few dozen; the libuv pool has 4 threads
  * by default): further requests wait in a queue.
@@ -63,11 +69,48 @@ export function loadZstdNative(): ZstdNativeDecoder | null {
   return loaded;
 }
 
-function tryLoad(): ZstdNativeDecoder | null {
+/** libzstd through koffi, or null. */
+function loadLibrary(): ReturnType<KoffiLike['load']> | null {
   if (process.platform !== 'linux' || !ARCH_64.has(process.arch)) return null;
   try {
     const koffi = moduleRequire()('koffi') as KoffiLike;
-    const lib = koffi.load('libzstd.so.1');
+    return koffi.load('libzstd.so.1');
+  } catch {
+    return null;
+  }
+}
+
+let compressor: ZstdNativeCompressor | null | undefined;
+
+/**
+ * The synchronous compressor (one ZSTD_CCtx for the thread, reused: ZSTD_compressCCtx resets it
+ * without clearing its tables), or null when unavailable or disabled. Never throws.
+ */
+export function loadZstdNativeCompressor(): ZstdNativeCompressor | null {
+  if (!nativeAllowed()) return null;
+  if (compressor === undefined) {
+    compressor = null;
+    try {
+      const lib = loadLibrary();
+      if (lib) {
+        const createCCtx = lib.func('void *ZSTD_createCCtx()');
+        const comp = lib.func(
+          'size_t ZSTD_compressCCtx(void *cctx, void *dst, size_t dstCapacity, const void *src, size_t srcSize, int level)',
+        );
+        const cctx = createCCtx();
+        if (cctx) compressor = { compress: (dst, src, level) => toResult(comp(cctx, dst, dst.length, src, src.length, level)) };
+      }
+    } catch {
+      compressor = null;
+    }
+  }
+  return compressor;
+}
+
+function tryLoad(): ZstdNativeDecoder | null {
+  try {
+    const lib = loadLibrary();
+    if (!lib) return null;
     const dec = lib.func('size_t ZSTD_decompress(void *dst, size_t dstCapacity, const void *src, size_t srcSize)');
     const createCCtx = lib.func('void *ZSTD_createCCtx()');
     const comp = lib.func(

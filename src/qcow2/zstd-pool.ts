@@ -8,7 +8,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { FormatError, QimgError } from '../errors.js';
-import type { ZstdRequest, ZstdResponse } from './zstd-protocol.js';
+import { zstdRoom, type ZstdBatchRequest, type ZstdBatchResponse, type ZstdRequest, type ZstdResponse } from './zstd-protocol.js';
 
 interface Job {
   resolve(data: ArrayBuffer | null): void;
@@ -103,6 +103,217 @@ export class ZstdWorkerPool {
     worker.on('exit', (code) => fail(new Error(`exited with code ${code}`)));
     this.slots.push(slot);
     return slot;
+  }
+}
+
+// ---------------------------------------------------------------- native batches
+
+interface NativeJob {
+  src: Uint8Array;
+  maxLength: number;
+  level: number;
+  resolve(frame: Uint8Array | null): void;
+  reject(err: Error): void;
+}
+
+/** One batch buffer pair of a worker; `jobs` is non-null while a batch in it is being compressed. */
+interface Lane {
+  input: SharedArrayBuffer | null;
+  output: SharedArrayBuffer | null;
+  jobs: NativeJob[] | null;
+}
+
+interface NativeSlot {
+  worker: Worker;
+  lanes: Lane[];
+  busy: number;
+}
+
+export interface ZstdBatchPoolOptions {
+  workerPath: string;
+  /** What the workers compress with: the system libzstd (koffi) or the WebAssembly build. */
+  engine: 'native' | 'wasm';
+  /** Workers; defaults to os.availableParallelism(). */
+  threads?: number;
+  /** Most input bytes in one message (at least one cluster goes in each); default 512 KiB. */
+  batchBytes?: number;
+  /** Batches one worker holds at once (the next one waits in its buffers while it compresses); default 2. */
+  lanes?: number;
+}
+
+/**
+ * Compression in worker threads (zstd-worker.ts with workerData.engine), by the system libzstd
+ * or the WebAssembly build, each worker with one reused context, on batches of clusters: the main thread only
+ * copies each cluster into a shared buffer, posts one message per batch and copies each frame out
+ * (koffi's async calls cost ~28 us of main-thread time per cluster and shared the libuv pool with
+ * file I/O; see bench/codecs.mjs). Requests made in one synchronous run are batched together
+ * (dispatch waits for a microtask); the buffers are reused, so memory stays at a few MiB per
+ * worker. Workers are unref'd while they have no batch, so they never keep the process alive.
+ */
+export class ZstdBatchPool {
+  readonly workerPath: string;
+  readonly engine: 'native' | 'wasm';
+  readonly threads: number;
+  private readonly batchBytes: number;
+  private readonly laneCount: number;
+  private readonly slots: NativeSlot[] = [];
+  private readonly queue: NativeJob[] = [];
+  private head = 0;
+  private scheduled = false;
+  /** Set when a worker could not load libzstd: every later request fails at once. */
+  private broken: Error | null = null;
+
+  constructor(options: ZstdBatchPoolOptions) {
+    this.workerPath = options.workerPath;
+    this.engine = options.engine;
+    this.threads = Math.max(1, options.threads ?? availableParallelism());
+    this.batchBytes = Math.max(1, options.batchBytes ?? 512 * 1024);
+    this.laneCount = Math.max(1, options.lanes ?? 2);
+  }
+
+  /** One frame (ZSTD_compressCCtx at `level`), or null when it is longer than maxLength. */
+  compress(src: Uint8Array, maxLength: number, level: number): Promise<Uint8Array | null> {
+    if (this.broken) return Promise.reject(this.broken);
+    return new Promise((resolve, reject) => {
+      this.queue.push({ src, maxLength, level, resolve, reject });
+      this.schedule();
+    });
+  }
+
+  /** Workers currently running. */
+  get size(): number {
+    return this.slots.length;
+  }
+
+  /** Stops every worker once its batches are done; the pool starts new ones if used again. */
+  async close(): Promise<void> {
+    while (this.pending > 0 || this.slots.some((s) => s.busy > 0)) await new Promise((resolve) => setTimeout(resolve, 1));
+    const slots = this.slots.splice(0);
+    await Promise.all(slots.map((s) => s.worker.terminate()));
+  }
+
+  private schedule(): void {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    queueMicrotask(() => {
+      this.scheduled = false;
+      this.pump();
+    });
+  }
+
+  private get pending(): number {
+    return this.queue.length - this.head;
+  }
+
+  /** Hands queued jobs to free lanes: split evenly over idle workers, else up to batchBytes per lane. */
+  private pump(): void {
+    while (this.pending > 0 && !this.broken) {
+      const spawnable = this.threads - this.slots.length;
+      let idle = 0;
+      let slot: NativeSlot | undefined;
+      for (const s of this.slots) {
+        if (s.busy === 0) idle++;
+        if (s.busy < this.laneCount && (!slot || s.busy < slot.busy)) slot = s;
+      }
+      if ((!slot || slot.busy > 0) && spawnable > 0) slot = this.spawn();
+      if (!slot) return; // every lane busy: the next reply pumps again
+      // Idle workers share what is queued (a request's clusters all in one worker would wait for
+      // each other); a busy worker's spare lane takes a full batch.
+      const share = slot.busy === 0 ? Math.ceil(this.pending / (idle + spawnable)) : Infinity;
+      this.post(slot, share);
+    }
+  }
+
+  private post(slot: NativeSlot, maxJobs: number): void {
+    const lane = slot.lanes.find((l) => l.jobs === null)!;
+    const jobs: NativeJob[] = [];
+    let inBytes = 0;
+    let outBytes = 0;
+    const level = this.queue[this.head]!.level;
+    while (this.pending > 0 && jobs.length < maxJobs) {
+      const job = this.queue[this.head]!;
+      if (jobs.length > 0 && (inBytes + job.src.length > this.batchBytes || job.level !== level)) break;
+      this.queue[this.head++] = undefined as unknown as NativeJob;
+      jobs.push(job);
+      inBytes += job.src.length;
+      outBytes += zstdRoom(job.src.length);
+    }
+    if (this.head > 1024 && this.head * 2 > this.queue.length) {
+      this.queue.splice(0, this.head);
+      this.head = 0;
+    }
+    if (!lane.input || lane.input.byteLength < inBytes) lane.input = new SharedArrayBuffer(Math.max(inBytes, this.batchBytes));
+    if (!lane.output || lane.output.byteLength < outBytes) lane.output = new SharedArrayBuffer(Math.max(outBytes, zstdRoom(this.batchBytes)));
+    const input = new Uint8Array(lane.input);
+    let pos = 0;
+    for (const job of jobs) {
+      input.set(job.src, pos);
+      pos += job.src.length;
+    }
+    lane.jobs = jobs;
+    const index = slot.lanes.indexOf(lane);
+    if (slot.busy++ === 0) slot.worker.ref();
+    const req: ZstdBatchRequest = { op: 'compress-batch', lane: index, input: lane.input, output: lane.output, lengths: jobs.map((j) => j.src.length), level };
+    slot.worker.postMessage(req);
+  }
+
+  private spawn(): NativeSlot {
+    // A small young generation: a worker only makes small, short-lived objects (each worker's heap
+    // is part of the peak RSS of a convert).
+    const worker = new Worker(this.workerPath, {
+      workerData: { engine: this.engine },
+      resourceLimits: { maxYoungGenerationSizeMb: 2 },
+    });
+    const lanes: Lane[] = Array.from({ length: this.laneCount }, () => ({ input: null, output: null, jobs: null }));
+    const slot: NativeSlot = { worker, lanes, busy: 0 };
+    worker.unref();
+    worker.on('message', (res: ZstdBatchResponse) => {
+      const lane = lanes[res.lane];
+      const jobs = lane?.jobs;
+      if (!lane || !jobs) return;
+      lane.jobs = null;
+      if (--slot.busy === 0) worker.unref();
+      if (!res.ok) {
+        this.broken ??= new QimgError('IO', `zstd worker: ${res.message}`);
+        this.failAll(jobs, this.broken);
+        return;
+      }
+      let outPos = 0;
+      for (let k = 0; k < jobs.length; k++) {
+        const job = jobs[k]!;
+        const n = res.sizes[k]!;
+        if (n >= 0 && n <= job.maxLength) job.resolve(new Uint8Array(lane.output!, outPos, n).slice());
+        else if (n >= 0 || n === -70) job.resolve(null); // -70: ZSTD_error_dstSize_tooSmall
+        else job.reject(new QimgError('IO', `zstd compression failed (libzstd error ${-n})`, { zstdError: -n }));
+        outPos += zstdRoom(job.src.length);
+      }
+      this.pump();
+    });
+    const fail = (err: Error) => {
+      const i = this.slots.indexOf(slot);
+      if (i < 0) return;
+      this.slots.splice(i, 1);
+      // No restart (a worker that cannot start would fail again and again): the codec goes on without the pool.
+      this.broken ??= new QimgError('IO', `zstd worker failed: ${err.message}`, {}, { cause: err });
+      for (const lane of lanes) {
+        if (lane.jobs) this.failAll(lane.jobs, this.broken);
+        lane.jobs = null;
+      }
+      slot.busy = 0;
+    };
+    worker.on('error', fail);
+    worker.on('exit', (code) => fail(new Error(`exited with code ${code}`)));
+    this.slots.push(slot);
+    return slot;
+  }
+
+  private failAll(jobs: NativeJob[], err: Error): void {
+    for (const job of jobs) job.reject(err);
+    if (this.broken) {
+      while (this.pending > 0) this.queue[this.head++]!.reject(this.broken);
+      this.queue.length = 0;
+      this.head = 0;
+    }
   }
 }
 

@@ -2,6 +2,8 @@
 // Used in-thread and inside the worker threads (zstd-worker.ts).
 
 import type * as ZstdWasmModule from '@bokuweb/zstd-wasm';
+import { createRequire } from 'node:module';
+import path from 'node:path';
 import { FormatError } from '../errors.js';
 import { readZstdFrame } from './zstd-frame.js';
 import type { ZstdNativeDecoder } from './zstd-native.js';
@@ -129,4 +131,83 @@ export async function zstdDecompressNativeAsync(src: Uint8Array, dst: Uint8Array
 export function zstdCompressSync(src: Uint8Array, maxLength: number, level = ZSTD_DEFAULT_LEVEL): Uint8Array | null {
   const out = loaded().compress(src, level);
   return out.length <= maxLength ? out : null;
+}
+
+/** The parts of the package's Emscripten module that zstdCompressInto uses. */
+interface EmscriptenZstd {
+  HEAPU8: Uint8Array;
+  _malloc(size: number): number;
+  _free(ptr: number): void;
+  _ZSTD_createCCtx(): number;
+  _ZSTD_compress_usingDict(cctx: number, dst: number, dstCapacity: number, src: number, srcSize: number, dict: number, dictSize: number, level: number): number;
+}
+
+let emscripten: EmscriptenZstd | null | undefined;
+
+/**
+ * The Emscripten module behind @bokuweb/zstd-wasm (its dist/common/module.js, the instance the
+ * package's init() set up; the package exports no way to it), or null if its layout differs.
+ */
+function emscriptenModule(): EmscriptenZstd | null {
+  if (emscripten === undefined) {
+    emscripten = null;
+    try {
+      const url = (import.meta as { url?: string }).url;
+      const req = typeof url === 'string' && url !== '' ? createRequire(url) : require;
+      const main = req.resolve('@bokuweb/zstd-wasm');
+      const m = (req(path.join(path.dirname(main), 'module.js')) as { Module?: EmscriptenZstd }).Module;
+      if (m && m.HEAPU8 instanceof Uint8Array && typeof m._malloc === 'function' && typeof m._ZSTD_compress_usingDict === 'function') {
+        emscripten = m;
+      }
+    } catch {
+      emscripten = null;
+    }
+  }
+  return emscripten;
+}
+
+/** This thread's context and buffers in the WebAssembly heap, kept from call to call. */
+const heap = { cctx: 0, src: 0, srcSize: 0, dst: 0, dstSize: 0 };
+const NO_DICTIONARY = new Uint8Array(0);
+let context: number | undefined;
+
+/**
+ * Compresses src into dst as one frame (ZSTD_compressCCtx at `level`: the bytes of
+ * zstdCompressSync) with one context and one pair of buffers in the WebAssembly heap kept for the
+ * thread; returns the frame's length or -(ZSTD error code) (-70: it does not fit in dst).
+ *
+ * What it saves, in a worker compressing a convert's clusters: the library's compress() makes and
+ * frees a context (~1 MiB at level 3) per call and returns each frame in a fresh ArrayBuffer;
+ * V8 collects those only once ~64 MiB of them pile up outside its heap, and that garbage was
+ * most of each worker's ~45 MiB during a convert.
+ */
+export function zstdCompressInto(dst: Uint8Array, src: Uint8Array, level = ZSTD_DEFAULT_LEVEL): number {
+  const m = emscriptenModule();
+  if (!m) {
+    // The package's own API: the same frame, with its garbage.
+    const lib = loaded();
+    context ??= lib.createCCtx();
+    const out = lib.compressUsingDict(context, src, NO_DICTIONARY, level);
+    if (out.length > dst.length) return -70; // ZSTD_error_dstSize_tooSmall
+    dst.set(out);
+    return out.length;
+  }
+  if (!heap.cctx) heap.cctx = m._ZSTD_createCCtx();
+  if (heap.srcSize < src.length) {
+    if (heap.src) m._free(heap.src);
+    heap.src = m._malloc(src.length);
+    heap.srcSize = heap.src ? src.length : 0;
+  }
+  if (heap.dstSize < dst.length) {
+    if (heap.dst) m._free(heap.dst);
+    heap.dst = m._malloc(dst.length);
+    heap.dstSize = heap.dst ? dst.length : 0;
+  }
+  if (!heap.cctx || !heap.src || !heap.dst) return -64; // ZSTD_error_memory_allocation
+  m.HEAPU8.set(src, heap.src); // HEAPU8 read after the mallocs: growing the memory replaces it
+  // size_t is 32 bits here: an error comes back as a small negative number, -(code).
+  const n = m._ZSTD_compress_usingDict(heap.cctx, heap.dst, dst.length, heap.src, src.length, 0, 0, level);
+  if (n < 0) return n;
+  dst.set(m.HEAPU8.subarray(heap.dst, heap.dst + n));
+  return n;
 }
