@@ -52,6 +52,21 @@ export interface CodecOptions {
 
 const ZLIB_WINDOW_BITS = 12;
 
+// Why qimg's zlib clusters come out ~2.5% larger than qemu-img's with the same parameters (raw
+// deflate, windowBits 12, default level 6, memLevel 9, default strategy): not the parameters but the
+// library. node:zlib is Chromium's fork of zlib (process.versions.zlib is "1.3.1-<chromium
+// revision>"), QEMU links the system's zlib. The fork changed deflate's match finder for speed (on
+// CPUs with SSE4.2 or ARMv8 CRC, as here, its insert_string hashes with CRC32C instead of zlib's
+// rolling hash; older revisions also fixed the hash table at 2^15 entries whatever memLevel says),
+// so at the same settings it picks other matches: on these 64 KiB clusters with a 4 KiB window,
+// slightly worse ones. Measured on the first 4096
+// non-zero clusters of bench/out/ext4-2g.raw, each deflated alone: system zlib 1.2.13 (python3
+// zlib.compressobj(-1, DEFLATED, -12, 9)) 102,983,356 bytes, node:zlib 105,551,926 (+2.49%);
+// of 300 clusters 219 came out larger, 76 smaller, 5 the same size. memLevel barely matters in
+// either (node 8 vs 9: +0.07%; system: +0.05%), so no setting of ours closes the gap. The streams are
+// plain raw deflate that QEMU reads (test/compression); byte-for-byte QEMU sizes would need the
+// system libz (e.g. deflate through koffi like zstd-native.ts), which we do not add.
+
 const inflateOptions: zlib.ZlibOptions = {
   windowBits: ZLIB_WINDOW_BITS,
   // A stream cut short after filling the cluster is what QEMU's Z_BUF_ERROR case accepts;
@@ -178,19 +193,25 @@ function defaultBatchPool(engine: 'native' | 'wasm'): ZstdBatchPool | null {
   let pool = sharedBatchPools.get(engine);
   if (pool === undefined) {
     const workerPath = defaultWorkerPath();
-    pool = workerPath ? new ZstdBatchPool({ workerPath, engine, threads: batchThreads(engine) }) : null;
+    const threads = batchThreads(engine);
+    pool = workerPath && threads > 0 ? new ZstdBatchPool({ workerPath, engine, threads }) : null;
     sharedBatchPools.set(engine, pool);
   }
   return pool;
 }
 
 /**
- * Compression workers: QIMG_ZSTD_THREADS, else one per core for libzstd (its workers are small:
- * ~10 MiB each); WEBASM_THREADS_NOTE
+ * Compression workers: QIMG_ZSTD_THREADS (0: in this thread), else one per core for libzstd (a
+ * worker holds ~10 MiB) and none for the WebAssembly build: its workers hold ~20 MiB each (the
+ * thread, the module's code and heap), and measured on 2 cores (raw->qcow2 -c zstd of the 2 GiB
+ * bench image, QIMG_NO_NATIVE=1) compressing in the main thread took 8.9 s at 98-100 MiB peak RSS,
+ * 1 worker 9.1 s at 108 MiB, 2 workers 6.7 s at 121 MiB: only in-thread stays in the 100 MiB limit.
  */
 function batchThreads(engine: 'native' | 'wasm'): number {
+  const env = process.env.QIMG_ZSTD_THREADS;
+  if (env !== undefined && env !== '' && Number.isInteger(Number(env)) && Number(env) >= 0) return Number(env);
   const cores = availableParallelism();
-  return Number(process.env.QIMG_ZSTD_THREADS) || (engine === 'native' ? cores : cores);
+  return engine === 'native' ? cores : 0;
 }
 
 function makeZstdCodec(options: CodecOptions): ClusterCodec {
@@ -202,9 +223,12 @@ function makeZstdCodec(options: CodecOptions): ClusterCodec {
   let batchPool: ZstdBatchPool | null = null;
   if (mode !== 'thread') {
     const engine = native ? 'native' : 'wasm';
-    batchPool = custom?.workerPath
-      ? new ZstdBatchPool({ workerPath: custom.workerPath, engine, threads: custom.threads ?? batchThreads(engine) })
-      : defaultBatchPool(engine);
+    const workerPath = custom?.workerPath ?? defaultWorkerPath();
+    // 'workers' asks for at least one, whatever the machine.
+    const threads = custom?.threads ?? (mode === 'workers' ? Math.max(1, batchThreads(engine)) : batchThreads(engine));
+    if (workerPath && threads > 0) {
+      batchPool = custom?.workerPath || mode === 'workers' ? new ZstdBatchPool({ workerPath, engine, threads }) : defaultBatchPool(engine);
+    }
   }
   // Decompression in workers only when asked for (a round trip costs more than decoding one cluster).
   let decompressPool: ZstdWorkerPool | null = null;

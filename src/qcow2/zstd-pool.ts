@@ -135,7 +135,7 @@ export interface ZstdBatchPoolOptions {
   engine: 'native' | 'wasm';
   /** Workers; defaults to os.availableParallelism(). */
   threads?: number;
-  /** Most input bytes in one message (at least one cluster goes in each); default 512 KiB. */
+  /** Most input bytes in one message (at least one cluster goes in each); default 256 KiB. */
   batchBytes?: number;
   /** Batches one worker holds at once (the next one waits in its buffers while it compresses); default 2. */
   lanes?: number;
@@ -167,7 +167,7 @@ export class ZstdBatchPool {
     this.workerPath = options.workerPath;
     this.engine = options.engine;
     this.threads = Math.max(1, options.threads ?? availableParallelism());
-    this.batchBytes = Math.max(1, options.batchBytes ?? 512 * 1024);
+    this.batchBytes = Math.max(1, options.batchBytes ?? 256 * 1024);
     this.laneCount = Math.max(1, options.lanes ?? 2);
   }
 
