@@ -540,20 +540,18 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
   };
 
   const tests = new WeakMap<Uint8Array, (i: number) => boolean>();
-  const writeChunk = async (chunk: Chunk, buf: Uint8Array, isZeroSector: (i: number) => boolean): Promise<void> => {
+  /**
+   * Issues the chunk's writes (all of them before returning: the target queues them in call
+   * order, which is what keeps guest order) and returns them to be awaited before buf is reused.
+   */
+  const writeChunk = (chunk: Chunk, buf: Uint8Array, isZeroSector: (i: number) => boolean): Promise<void>[] => {
     const { sector, sectors, status } = chunk;
     const base = sector * SECTOR;
     const bytes = sectors * SECTOR;
-    if (status === 'backing') return;
-    if (status === 'zero' && !zeroAsData) {
-      await zeroRange(base, bytes);
-      return;
-    }
+    if (status === 'backing') return [];
+    if (status === 'zero' && !zeroAsData) return [zeroRange(base, bytes)];
     const data = buf.subarray(0, bytes);
-    if (zeroAsData) {
-      await target.write(base, data);
-      return;
-    }
+    if (zeroAsData) return [target.write(base, data)];
     const runs: { data: boolean; from: number; to: number }[] = [];
     for (let i = 0; i < sectors; ) {
       const run = classifyRunMin(isZeroSector, i, sectors - i, minSparseSectors, sector + i, alignment);
@@ -576,18 +574,20 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
         z.to = ze;
       }
     }
+    const ops: Promise<void>[] = [];
     let dataFrom = -1;
     for (let k = 0; k < runs.length; k++) {
       const r = runs[k]!;
       if (r.data) {
         if (dataFrom < 0) dataFrom = r.from;
         if (k + 1 < runs.length && runs[k + 1]!.data) continue;
-        await target.write(base + dataFrom * SECTOR, buf.subarray(dataFrom * SECTOR, r.to * SECTOR));
+        ops.push(target.write(base + dataFrom * SECTOR, buf.subarray(dataFrom * SECTOR, r.to * SECTOR)));
         dataFrom = -1;
       } else {
-        await zeroRange(base + r.from * SECTOR, (r.to - r.from) * SECTOR);
+        ops.push(zeroRange(base + r.from * SECTOR, (r.to - r.from) * SECTOR));
       }
     }
+    return ops;
   };
 
   try {
@@ -605,11 +605,12 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
           const data = buf.subarray(0, chunk.sectors * SECTOR);
           const ops = issueCompressedRuns(target, chunk.sector * SECTOR, data, clusterSize, zeroRange, !zeroAsData);
           done(index);
-          await Promise.all(ops);
+          await settleAll(ops);
           return;
         }
-        await writeChunk(chunk, buf, isZeroSector);
+        const ops = writeChunk(chunk, buf, isZeroSector);
         done(index);
+        await settleAll(ops);
       } catch (e) {
         breakOrder();
         throw e;
@@ -618,6 +619,12 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
   } finally {
     breakOrder();
   }
+}
+
+/** Waits for every operation (buf is free for reuse only then), then throws the first failure. */
+async function settleAll(ops: Promise<void>[]): Promise<void> {
+  const rs = await Promise.allSettled(ops);
+  for (const r of rs) if (r.status === 'rejected') throw r.reason;
 }
 
 /**

@@ -95,6 +95,8 @@ export class FileStorage implements Storage {
   private drained: (() => void) | null = null;
   /** Cleared when the file system refuses FALLOC_FL_PUNCH_HOLE; discard then writes zeros. */
   private punchSupported = true;
+  /** Cleared at the first refused reserveHint (no fallocate there): the hint is then a no-op. */
+  private reserveSupported = true;
   private readonly extentsFn = (offset: number, length: number): Promise<StorageExtent[]> =>
     this.nativeExtents(offset, length);
   private readonly discardFn = (offset: number, length: number): Promise<void> => this.nativeDiscard(offset, length);
@@ -131,6 +133,18 @@ export class FileStorage implements Storage {
   /** Present when the native fast paths are loaded (punch hole, then extend). */
   get writeZeroes(): ((offset: number, length: number) => Promise<void>) | undefined {
     return this.native && !this.readOnly ? this.writeZeroesFn : undefined;
+  }
+
+  /** See Storage.reserveHint: fallocate mode 0 on the calling thread when the native helpers load. */
+  reserveHint(offset: number, length: number): void {
+    if (!this.reserveSupported || this.closed || this.readOnly || length <= 0) return;
+    const native = this.native;
+    if (!native) {
+      this.reserveSupported = false;
+      return;
+    }
+    // Any failure (no space, no fallocate here): the write that follows reports what matters.
+    if (native.allocate(this.handle.fd, offset, length) !== 0) this.reserveSupported = false;
   }
 
   /** Present when the native fast paths are loaded (fallocate mode 0). */

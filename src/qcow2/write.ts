@@ -66,6 +66,19 @@ interface Entry {
   bLo: number;
 }
 
+/** A data write issued and not yet finished: its host range on the data file, settled never rejecting. */
+interface Inflight {
+  start: number;
+  end: number;
+  settled: Promise<void>;
+}
+
+/** Waits for every promise (none left running), then throws the first failure. */
+async function settleAll(ps: Promise<void>[]): Promise<void> {
+  const rs = await Promise.allSettled(ps);
+  for (const r of rs) if (r.status === 'rejected') throw r.reason;
+}
+
 export class Qcow2Writer {
   private readonly d: WriterHost;
   private readonly refcounts: Refcounts;
@@ -73,6 +86,17 @@ export class Qcow2Writer {
   private readonly sc: number;
   private readonly g: L2Geometry;
   private lock: Promise<unknown> = Promise.resolve();
+  /**
+   * Guest data writes run outside the lock: a write plans, allocates, issues its data writes and
+   * links the clusters in the in-memory L2 table, then the next queued operation starts while the
+   * data is still being written (the file system gets the next write without a gap; convert keeps
+   * guest order because calls are queued in call order). Metadata never reaches the disk before
+   * the data it names: every write-out first waits for these (drain), and so does every other
+   * operation (zeroing, discards, compression, resize, flush, close may free or reuse clusters).
+   * A data write that fails after its clusters were linked poisons the writer (`failed`): nothing
+   * naming it is ever written out, so the file keeps its last consistent metadata.
+   */
+  private readonly inflight = new Set<Inflight>();
   private started = false;
   /** This writer set the dirty bit (lazy refcounts) and clears it on a clean close. */
   private dirtySetHere = false;
@@ -98,19 +122,64 @@ export class Qcow2Writer {
     return run;
   }
 
-  // ------------------------------------------------------------------ public operations
-
-  write(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+  /** Runs fn alone with no data write in flight before or after it. */
+  private exclusiveDrained<T>(fn: () => Promise<T>): Promise<T> {
     return this.exclusive(async () => {
-      await this.begin();
-      this.bitmaps?.note(offset, data.length);
-      await this.writeRange(offset, data, io);
-      await this.afterOp();
+      await this.drain();
+      try {
+        return await fn();
+      } finally {
+        await this.drain();
+      }
     });
   }
 
-  writeZeroes(offset: number, length: number, mayUnmap: boolean, io: WriteIo): Promise<void> {
+  /** Waits until no data write is in flight; throws if one of them failed (see `inflight`). */
+  private async drain(): Promise<void> {
+    while (this.inflight.size > 0) await Promise.all([...this.inflight].map((w) => w.settled));
+    if (this.failed) throw this.failed;
+  }
+
+  /**
+   * Issues one data write at host (after any in-flight write it overlaps, so the later one wins)
+   * and tracks it until it finishes.
+   */
+  private async issue(storage: Storage, buf: Uint8Array, host: number): Promise<{ done: Promise<void> }> {
+    const end = host + buf.length;
+    for (const w of this.inflight) if (w.start < end && host < w.end) await w.settled;
+    const p = storage.write(buf, host);
+    const w: Inflight = {
+      start: host,
+      end,
+      settled: p.then(
+        () => {
+          this.inflight.delete(w);
+        },
+        (e: unknown) => {
+          this.failed ??= e;
+          this.inflight.delete(w);
+        },
+      ),
+    };
+    this.inflight.add(w);
+    // Wrapped: an async function's result would adopt (wait for) a bare promise.
+    return { done: p };
+  }
+
+  // ------------------------------------------------------------------ public operations
+
+  write(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+    let own: Promise<void>[] = [];
     return this.exclusive(async () => {
+      await this.begin();
+      this.bitmaps?.note(offset, data.length);
+      own = await this.writeRange(offset, data, io);
+      await this.afterOp();
+    }).then(() => settleAll(own));
+  }
+
+  writeZeroes(offset: number, length: number, mayUnmap: boolean, io: WriteIo): Promise<void> {
+    return this.exclusiveDrained(async () => {
       await this.begin();
       this.bitmaps?.note(offset, length);
       await this.zeroRange(offset, length, mayUnmap, io);
@@ -119,7 +188,7 @@ export class Qcow2Writer {
   }
 
   discard(offset: number, length: number, io: WriteIo): Promise<void> {
-    return this.exclusive(async () => {
+    return this.exclusiveDrained(async () => {
       // Without the zero flag (v2), discarding would expose the backing file (qcow2_co_pdiscard).
       if (this.d.header.version < 3 && io.hasBacking) return;
       const cs = this.cs;
@@ -163,23 +232,31 @@ export class Qcow2Writer {
       return Promise.all(jobs);
     });
     compressing.catch(() => undefined); // reported by the queued operation below
+    let own: Promise<void>[] = [];
     return this.exclusive(async () => {
       const compressed = await compressing;
       await this.begin();
       this.bitmaps?.note(offset, data.length);
-      for (let k = 0; k < compressed.length; k++) {
-        const guest = offset + k * cs;
-        const plain = data.subarray(k * cs, Math.min(data.length, (k + 1) * cs));
-        const out = compressed[k];
-        if (out) await this.writeCompressedCluster(guest, out);
-        else await this.writeRange(guest, plain, io); // does not fit in cluster_size - 1: stored uncompressed
+      let k = 0;
+      while (k < compressed.length) {
+        let j = k;
+        while (j < compressed.length && compressed[j]) j++;
+        if (j > k) {
+          own.push(...(await this.writeCompressedClusters(offset + k * cs, compressed.slice(k, j) as Uint8Array[])));
+          k = j;
+        } else {
+          // Does not fit in cluster_size - 1: stored uncompressed.
+          const plain = data.subarray(k * cs, Math.min(data.length, (k + 1) * cs));
+          own.push(...(await this.writeRange(offset + k * cs, plain, io)));
+          k++;
+        }
       }
       await this.afterOp();
-    });
+    }).then(() => settleAll(own));
   }
 
   flush(): Promise<void> {
-    return this.exclusive(async () => {
+    return this.exclusiveDrained(async () => {
       if (!this.started) return;
       await this.syncAndWriteOut();
       await this.d.storage.flush();
@@ -190,7 +267,7 @@ export class Qcow2Writer {
 
   /** Flushes and, after a clean flush, clears the dirty bit this writer set (lazy refcounts). */
   close(): Promise<void> {
-    return this.exclusive(async () => {
+    return this.exclusiveDrained(async () => {
       if (!this.started) return;
       await this.syncAndWriteOut();
       const data = await this.d.dataFile();
@@ -210,7 +287,7 @@ export class Qcow2Writer {
   }
 
   resize(newSize: number, shrink: boolean, io: WriteIo, preallocation: Preallocation = 'off'): Promise<void> {
-    return this.exclusive(async () => {
+    return this.exclusiveDrained(async () => {
       const old = this.d.virtualSize;
       if (newSize % 512 !== 0) throw new UsageError('The new size must be a multiple of 512');
       if (newSize === old) return;
@@ -479,6 +556,7 @@ export class Qcow2Writer {
 
   /** The one routine that writes metadata, in dependency order. */
   private async writeOut(): Promise<void> {
+    await this.drain();
     try {
       const h = this.d.header;
       await this.refcounts.blocks.writeDirty();
@@ -608,19 +686,22 @@ export class Qcow2Writer {
 
   // ------------------------------------------------------------------ data writes
 
-  private async writeRange(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+  /** Plans, allocates, issues and links a guest write; returns the issued data writes (see `inflight`). */
+  private async writeRange(offset: number, data: Uint8Array, io: WriteIo): Promise<Promise<void>[]> {
     const span = this.cs * this.g.l2Entries;
+    const issued: Promise<void>[] = [];
     let pos = 0;
     while (pos < data.length) {
       const at = offset + pos;
       const end = Math.min(offset + data.length, (Math.floor(at / span) + 1) * span);
-      await this.writeInL2(at, data.subarray(pos, end - offset), io);
+      issued.push(...(await this.writeInL2(at, data.subarray(pos, end - offset), io)));
       pos = end - offset;
     }
+    return issued;
   }
 
   /** A write within one L2 table: plan each cluster, allocate new clusters contiguously, write data runs, link. */
-  private async writeInL2(offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+  private async writeInL2(offset: number, data: Uint8Array, io: WriteIo): Promise<Promise<void>[]> {
     const cs = this.cs;
     const g = this.g;
     const l1Index = Math.floor(offset / (cs * g.l2Entries));
@@ -654,11 +735,12 @@ export class Qcow2Writer {
         }
       }
     }
+    let issued: Promise<void>[];
     try {
       for (const p of plans) cowSpan(p, g, this.sc, Math.min(cs, this.d.virtualSize - p.cluster * cs));
-      await this.writeData(plans, offset, data, io);
+      issued = await this.writeData(plans, offset, data, io);
     } catch (e) {
-      // Nothing names the new clusters yet: give them back.
+      // Nothing was issued and nothing names the new clusters yet: give them back.
       if (allocated >= 0) for (let k = 0; k < needAlloc; k++) await this.refcounts.update(allocated / cs + k, -1);
       throw e;
     }
@@ -668,13 +750,19 @@ export class Qcow2Writer {
       if (!p.inPlace) this.freeAny(p.entry);
     }
     this.d.l2Cache.markDirty(l2Offset, table);
+    return issued;
   }
 
-  /** Writes the planned spans: clusters adjacent on the host with abutting spans go out as one write. */
-  private async writeData(plans: ClusterPlan[], offset: number, data: Uint8Array, io: WriteIo): Promise<void> {
+  /**
+   * Writes the planned spans: clusters adjacent on the host with abutting spans go out as one
+   * write. Every copy-on-write read finishes before the first write is issued (a failure then
+   * leaves nothing in flight); returns the issued writes, not awaited.
+   */
+  private async writeData(plans: ClusterPlan[], offset: number, data: Uint8Array, io: WriteIo): Promise<Promise<void>[]> {
     const cs = this.cs;
     const storage = await this.d.dataFile();
-    const writes: Promise<void>[] = [];
+    const out: { buf: Uint8Array; host: number; fresh: boolean }[] = [];
+    const reads: (() => Promise<void>)[] = [];
     let i = 0;
     while (i < plans.length) {
       let j = i + 1;
@@ -685,59 +773,96 @@ export class Qcow2Writer {
       const hostStart = head.host + head.ws;
       const guestStart = head.cluster * cs + head.ws;
       const length = (tail.cluster - head.cluster) * cs + tail.we - head.ws;
-      const noCow = run.every((p) => p.ws === p.a && p.we === p.b);
-      if (noCow) {
-        writes.push(storage.write(data.subarray(guestStart - offset, guestStart - offset + length), hostStart));
+      const fresh = run.some((p) => !p.inPlace);
+      if (run.every((p) => p.ws === p.a && p.we === p.b)) {
+        out.push({ buf: data.subarray(guestStart - offset, guestStart - offset + length), host: hostStart, fresh });
       } else {
         const buf = new Uint8Array(length);
-        const reads: Promise<void>[] = [];
         for (const p of run) {
           const base = p.cluster * cs - guestStart;
           const vEnd = Math.min(cs, this.d.virtualSize - p.cluster * cs);
           // Copy-on-write: what the guest reads there now (old data, backing file, zeros, decompressed).
-          if (p.ws < p.a) reads.push(io.readGuest(buf.subarray(base + p.ws, base + p.a), p.cluster * cs + p.ws));
+          if (p.ws < p.a) reads.push(() => io.readGuest(buf.subarray(base + p.ws, base + p.a), p.cluster * cs + p.ws));
           const tailEnd = Math.min(p.we, vEnd);
-          if (p.b < tailEnd) reads.push(io.readGuest(buf.subarray(base + p.b, base + tailEnd), p.cluster * cs + p.b));
-        }
-        await Promise.all(reads);
-        for (const p of run) {
-          const base = p.cluster * cs - guestStart;
+          if (p.b < tailEnd) reads.push(() => io.readGuest(buf.subarray(base + p.b, base + tailEnd), p.cluster * cs + p.b));
           const from = p.cluster * cs + p.a - offset;
           buf.set(data.subarray(from, from + p.b - p.a), base + p.a);
         }
-        writes.push(storage.write(buf, hostStart));
+        out.push({ buf, host: hostStart, fresh });
       }
       i = j;
     }
-    await Promise.all(writes);
+    // A copy-on-write read may read clusters whose data is still in flight (a compressed cluster
+    // just written, say); it starts only when nothing is.
+    if (reads.length > 0) {
+      await this.drain();
+      await settleAll(reads.map((read) => read()));
+    }
+    const issued: Promise<void>[] = [];
+    for (const w of out) {
+      // New clusters: reserve the host range first (see Storage.reserveHint; QEMU does the same).
+      if (w.fresh) storage.reserveHint?.(w.host, w.buf.length);
+      issued.push((await this.issue(storage, w.buf, w.host)).done);
+    }
+    return issued;
   }
 
   // ------------------------------------------------------------------ compressed
 
-  private async writeCompressedCluster(guest: number, out: Uint8Array): Promise<void> {
+  /**
+   * Compressed clusters for consecutive guest clusters from `guest`: each gets its bytes from the
+   * refcounts (packed, as QEMU packs them), the bytes that landed next to each other go out as one
+   * write, then the L2 entries name them. Returns the issued writes, not awaited.
+   */
+  private async writeCompressedClusters(guest: number, outs: Uint8Array[]): Promise<Promise<void>[]> {
     const g = this.g;
     const cs = this.cs;
-    const c = guest / cs;
-    const l1Index = Math.floor(c / g.l2Entries);
-    const { offset: l2Offset, table } = await this.ensureL2(l1Index);
-    const idx = c - l1Index * g.l2Entries;
-    const e = this.readEntry(table, idx);
-    // As qcow2_alloc_compressed_cluster_offset: compression never overwrites an allocated cluster.
-    if (standardHostOffset(e.hi, e.lo) !== 0 || (e.hi & COMPRESSED_HI) !== 0) {
-      throw new QimgError('IO', `Could not write compressed cluster at ${guest}: Input/output error (the cluster is allocated)`);
-    }
-    const host = await this.refcounts.allocBytes(out.length);
+    const placed: { table: DataView; l2Offset: number; idx: number; host: number; out: Uint8Array }[] = [];
+    const giveBack = async (): Promise<void> => {
+      for (const { host, out } of placed) {
+        for (let ci = Math.floor(host / cs); ci <= Math.floor((host + out.length - 1) / cs); ci++) await this.refcounts.update(ci, -1);
+      }
+    };
     try {
-      await this.d.storage.write(out, host);
+      for (let k = 0; k < outs.length; k++) {
+        const c = guest / cs + k;
+        const l1Index = Math.floor(c / g.l2Entries);
+        const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+        const idx = c - l1Index * g.l2Entries;
+        const e = this.readEntry(table, idx);
+        // As qcow2_alloc_compressed_cluster_offset: compression never overwrites an allocated cluster.
+        if (standardHostOffset(e.hi, e.lo) !== 0 || (e.hi & COMPRESSED_HI) !== 0) {
+          throw new QimgError('IO', `Could not write compressed cluster at ${c * cs}: Input/output error (the cluster is allocated)`);
+        }
+        const out = outs[k]!;
+        placed.push({ table, l2Offset, idx, host: await this.refcounts.allocBytes(out.length), out });
+      }
     } catch (err) {
-      for (let ci = Math.floor(host / cs); ci <= Math.floor((host + out.length - 1) / cs); ci++) await this.refcounts.update(ci, -1);
+      await giveBack();
       throw err;
     }
+    const issued: Promise<void>[] = [];
+    let i = 0;
+    while (i < placed.length) {
+      let j = i + 1;
+      let length = placed[i]!.out.length;
+      while (j < placed.length && placed[j]!.host === placed[i]!.host + length) length += placed[j++]!.out.length;
+      let buf = placed[i]!.out;
+      if (j - i > 1) {
+        buf = new Uint8Array(length);
+        for (let k = i, at = 0; k < j; at += placed[k]!.out.length, k++) buf.set(placed[k]!.out, at);
+      }
+      issued.push((await this.issue(this.d.storage, buf, placed[i]!.host)).done);
+      i = j;
+    }
     const shift = 62 - (g.clusterBits - 8);
-    const sectors = Math.floor((host + out.length - 1) / 512) - Math.floor(host / 512);
-    const v = (1n << 62n) | (BigInt(sectors) << BigInt(shift)) | BigInt(host);
-    this.writeEntry(table, idx, { hi: Number(v >> 32n) >>> 0, lo: Number(v & 0xffffffffn) >>> 0, bHi: 0, bLo: 0 });
-    this.d.l2Cache.markDirty(l2Offset, table);
+    for (const { table, l2Offset, idx, host, out } of placed) {
+      const sectors = Math.floor((host + out.length - 1) / 512) - Math.floor(host / 512);
+      const v = (1n << 62n) | (BigInt(sectors) << BigInt(shift)) | BigInt(host);
+      this.writeEntry(table, idx, { hi: Number(v >> 32n) >>> 0, lo: Number(v & 0xffffffffn) >>> 0, bHi: 0, bLo: 0 });
+      this.d.l2Cache.markDirty(l2Offset, table);
+    }
+    return issued;
   }
 
   // ------------------------------------------------------------------ zeroes and discards

@@ -42,6 +42,11 @@ interface Params {
   creator: 'qemu-img' | 'qimg';
   /** Clusters prefilled by qemu-io before qimg writes: c = compressed, w = data, z = zero. */
   prefill: { cluster: number; kind: 'c' | 'w' | 'z' }[];
+  /**
+   * Ops between reopens are issued at once, none awaited before the next (the engine queues them
+   * in call order while data writes are still in flight), instead of one after the other.
+   */
+  concurrent: boolean;
 }
 
 const sizeOf = (p: Params): number => p.clusters * p.clusterSize + p.tailSectors * 512;
@@ -60,6 +65,7 @@ function paramsArb(clusterSize: number): fc.Arbitrary<Params> {
       backing: fc.constantFrom('none' as const, 'none' as const, 'raw' as const, 'qcow2' as const),
       backingShortBy: fc.oneof(fc.constant(0), fc.integer({ min: 1, max: 3 * Math.max(1, clusterSize / 512) })),
       creator: fc.constantFrom('qemu-img' as const, 'qimg' as const),
+      concurrent: fc.boolean(),
       prefill: fc.oneof(
         { weight: 2, arbitrary: fc.constant([] as Params['prefill']) },
         {
@@ -240,17 +246,29 @@ async function property(p: Params, rawOps: DiskOp[]): Promise<void> {
   try {
     const model = new Uint8Array(await referenceRaw(b.file, { format: 'qcow2' }));
     image = await openEngine(b.file, b.runDir);
+    // Concurrent: issued in order, settled together (every one awaited, the first failure thrown).
+    let inFlight: Promise<void>[] = [];
+    const settle = async (): Promise<void> => {
+      const rs = await Promise.allSettled(inFlight);
+      inFlight = [];
+      for (const r of rs) if (r.status === 'rejected') throw r.reason;
+    };
     for (const op of ops) {
       if (op.k === 'reopen') {
+        await settle();
         await image.close();
         image = undefined;
         image = await openEngine(b.file, b.runDir);
+      } else if (p.concurrent) {
+        inFlight.push(runOp(image, op));
+        applyOp(model, shape, op);
       } else {
         await runOp(image, op);
         applyOp(model, shape, op);
       }
       done++;
     }
+    await settle();
     await image.close();
     image = undefined;
 
