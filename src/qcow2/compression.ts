@@ -37,11 +37,14 @@ export const COMPRESSION_TYPE_CODES: Readonly<Record<CompressionType, number>> =
 
 export interface CodecOptions {
   /**
-   * Where zstd runs. 'auto' (default): the system libzstd on the libuv pool when it loads
-   * (src/qcow2/zstd-native.ts; not with QIMG_NO_NATIVE=1), else compression in worker threads
-   * when the built worker script is present, else in-thread; decompression in-thread (a worker round trip costs
-   * more than decoding one cluster; see bench/codecs.mjs). 'thread': in-thread only.
-   * 'workers': both operations in workers (falls back to in-thread when no worker script).
+   * Where zstd runs. 'auto' (default): compression in worker threads in batches (ZstdBatchPool,
+   * when the built worker script is present) with the system libzstd when it loads
+   * (src/qcow2/zstd-native.ts; not with QIMG_NO_NATIVE=1), else on the libuv pool; without libzstd
+   * the WebAssembly build, in this thread unless QIMG_ZSTD_THREADS asks for workers (memory, see
+   * batchThreads). Decompression: libzstd on the libuv pool, else WebAssembly in this thread (a
+   * worker round trip costs more than decoding one cluster; see bench/codecs.mjs).
+   * 'thread': WebAssembly in this thread only. 'workers': WebAssembly in workers for both
+   * operations (in this thread when the workers cannot run).
    */
   zstdWorkers?: 'auto' | 'thread' | 'workers';
   /** Overrides for the worker pool (tests point workerPath at a freshly built worker). */

@@ -1,8 +1,9 @@
 // Optional native zstd: the system's libzstd through koffi (as QEMU itself links libzstd).
 // Decoding a 64 KiB cluster takes about half the time of the WebAssembly build, writes straight
-// into the caller's buffer and runs on a libuv thread (koffi's async calls); compressing runs there
-// too, at QEMU's level (3), into one plain frame with its content size (ZSTD_compressCCtx), which
-// any zstd decoder, QEMU's included, reads. The bytes may differ from the WebAssembly build's
+// into the caller's buffer and runs on a libuv thread (koffi's async calls). Compression, at QEMU's
+// level (3), into one plain frame with its content size (ZSTD_compressCCtx), which any zstd decoder,
+// QEMU's included, reads, runs in worker threads through the synchronous compressor below
+// (ZstdBatchPool), or on a libuv thread when there is no worker script. The bytes may differ from the WebAssembly build's
 // (another zstd version), the decoded content does not. Like the file fast paths (src/io/native.ts),
 // this is skipped when koffi or libzstd is missing, off 64-bit Linux, or with QIMG_NO_NATIVE=1;
 // callers then use the WebAssembly build.
