@@ -16,6 +16,9 @@ import { convert, convertTargetSize, type ConvertOptions } from '../convert/conv
 import { getopt, type OptionSpec } from './getopt.js';
 import { CliError, cvtnum, errorText, openForCli, usageError, type CliContext } from './common.js';
 import { parseCreateOptions } from './options.js';
+import {
+  listPersistentBitmaps, readBitmapBits, storeNewBitmaps, type BitmapSource, type NewBitmap, type PersistentBitmap,
+} from '../qcow2/bitmaps-copy.js';
 import { JsonProgress, Progress } from './progress.js';
 
 const OPTIONS: OptionSpec[] = [
@@ -276,9 +279,10 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         throw new CliError('Compression and preallocation not supported at the same time');
       }
     }
+    let sourceBitmaps: PersistentBitmap[] = [];
     if (bitmaps) {
       if (srcNum > 1) throw new CliError('Copying bitmaps only possible with single source');
-      throw new CliError('Source lacks bitmap support');
+      sourceBitmaps = await checkSourceBitmaps(images[0]!, skipBroken);
     }
 
     if (!skipCreate) {
@@ -329,6 +333,7 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       } catch (e) {
         throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
       }
+      if (bitmaps) throw new CliError("Format driver 'raw' does not support bitmaps");
       if (compressed) throw new CliError('Compression not supported for this file format');
       if (skipCreate && (await target.size()) < totalSize) throw new CliError('output file is smaller than input file');
     } else {
@@ -341,6 +346,9 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         targetImage = (await openImage(storage, { readOnly: false, format: outFmt })).image;
       } catch (e) {
         throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
+      }
+      if (bitmaps && !supportsBitmaps(targetImage)) {
+        throw new CliError(`Format driver '${targetImage.format}' does not support bitmaps`);
       }
       if (compressed && targetImage.format !== 'qcow2') throw new CliError('Compression not supported for this file format');
       if (skipCreate && targetImage.virtualSize < totalSize) throw new CliError('output file is smaller than input file');
@@ -382,6 +390,16 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       }
       throw e;
     }
+    if (bitmaps) {
+      // As qemu-img: the bitmaps are added once the data is copied, then stored as the target closes.
+      const tgt = targetImage!;
+      const existing = await listPersistentBitmaps(tgt.driver as unknown as BitmapSource);
+      const closing = tgt.close();
+      targetImage = null;
+      await closing;
+      if (compressed) await alignFileEnd(outFilename);
+      await copyBitmaps(images[0]!, sourceBitmaps, outFilename, tgt.virtualSize, existing, skipBroken, ctx);
+    }
     ok = true;
   } finally {
     process.off('SIGINT', onSigint);
@@ -398,6 +416,81 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
   }
   json?.finish();
   return 0;
+}
+
+/** qcow2 v3 images store persistent bitmaps (QEMU's bdrv_supports_persistent_dirty_bitmap). */
+function supportsBitmaps(image: Image): boolean {
+  return image.format === 'qcow2' && (image.driver as unknown as BitmapSource).header.version >= 3;
+}
+
+/** convert_check_bitmaps: the source's persistent bitmaps, refusing inconsistent ones unless skipped. */
+async function checkSourceBitmaps(image: Image, skipBroken: boolean): Promise<PersistentBitmap[]> {
+  if (!supportsBitmaps(image)) throw new CliError('Source lacks bitmap support');
+  let list: PersistentBitmap[];
+  try {
+    list = await listPersistentBitmaps(image.driver as unknown as BitmapSource);
+  } catch (e) {
+    throw new CliError(errorText(e));
+  }
+  // QEMU holds loaded bitmaps newest first: it visits them in reverse directory order.
+  for (const bm of [...list].reverse()) {
+    if (!skipBroken && bm.inUse) {
+      throw new CliError(`Cannot copy inconsistent bitmap '${bm.name}'`, {
+        trailer: "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+      });
+    }
+  }
+  return list;
+}
+
+/**
+ * convert_copy_bitmaps into the closed target: each source bitmap (in QEMU's order, reverse
+ * directory order) is added with its granularity and enabled state and its bits; the ones added
+ * before a failure are stored all the same, as QEMU stores them when it closes the target.
+ */
+async function copyBitmaps(
+  source: Image, list: PersistentBitmap[], outFilename: string, targetSize: number, existing: PersistentBitmap[],
+  skipBroken: boolean, ctx: CliContext,
+): Promise<void> {
+  const added: NewBitmap[] = [];
+  let failure: CliError | null = null;
+  for (const bm of [...list].reverse()) {
+    if (skipBroken && bm.inUse) {
+      ctx.stderr.write(`qimg: warning: Skipping inconsistent bitmap '${bm.name}'\n`);
+      continue;
+    }
+    if (existing.some((e) => e.name === bm.name) || added.some((e) => e.name === bm.name)) {
+      failure = new CliError(`Failed to create bitmap ${bm.name}: Bitmap already exists: ${bm.name}`);
+      break;
+    }
+    if (targetSize !== source.virtualSize) {
+      failure = new CliError(
+        `Failed to populate bitmap ${bm.name}: Bitmaps are of different sizes (destination size is ${targetSize}, ` +
+          `source size is ${source.virtualSize}) and can't be merged`,
+      );
+      break;
+    }
+    try {
+      const bits = await readBitmapBits(source.driver as unknown as BitmapSource, bm);
+      added.push({ name: bm.name, granularity: bm.granularity, enabled: bm.enabled, bits });
+    } catch (e) {
+      failure = new CliError(`Failed to populate bitmap ${bm.name}: ${errorText(e)}`);
+      break;
+    }
+  }
+  // The target keeps them newest first; closing appends them to its directory in that order.
+  added.reverse();
+  if (added.length > 0) {
+    const file = await FileStorage.open(outFilename, { readOnly: false });
+    try {
+      await storeNewBitmaps(file, added);
+    } catch (e) {
+      if (!failure) failure = new CliError(`Failed to store bitmaps in '${outFilename}': ${errorText(e)}`);
+    } finally {
+      await file.close();
+    }
+  }
+  if (failure) throw failure;
 }
 
 /** After compressed writes qemu-img rounds the image file up to whole sectors (a zero-length compressed write). */
