@@ -104,6 +104,9 @@ export function unclosableView(storage: Storage, readOnly: boolean): Storage {
   if (storage.allocatedSize) view.allocatedSize = storage.allocatedSize.bind(storage);
   if (!ro && storage.discard) view.discard = storage.discard.bind(storage);
   if (!ro && storage.writeZeroes) view.writeZeroes = storage.writeZeroes.bind(storage);
+  if (!ro && storage.allocate) view.allocate = storage.allocate.bind(storage);
+  if (!ro && storage.writev) view.writev = storage.writev.bind(storage);
+  if (!ro && storage.reserveHint) view.reserveHint = storage.reserveHint.bind(storage);
   return view;
 }
 

@@ -25,6 +25,11 @@ export interface Storage {
   read(buf: Uint8Array, offset: number): Promise<number>;
   /** Writes all of buf at offset, extending the storage if needed. */
   write(buf: Uint8Array, offset: number): Promise<void>;
+  /**
+   * Writes the buffers one after the other from offset in one request (pwritev): many small
+   * pieces (compressed clusters packed together) without a copy into one buffer.
+   */
+  writev?(bufs: Uint8Array[], offset: number): Promise<void>;
   size(): Promise<number>;
   truncate(size: number): Promise<void>;
   flush(): Promise<void>;

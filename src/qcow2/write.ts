@@ -144,10 +144,13 @@ export class Qcow2Writer {
    * Issues one data write at host (after any in-flight write it overlaps, so the later one wins)
    * and tracks it until it finishes.
    */
-  private async issue(storage: Storage, buf: Uint8Array, host: number): Promise<{ done: Promise<void> }> {
-    const end = host + buf.length;
+  private async issue(storage: Storage, buf: Uint8Array | Uint8Array[], host: number): Promise<{ done: Promise<void> }> {
+    let length = 0;
+    if (Array.isArray(buf)) for (const b of buf) length += b.length;
+    else length = buf.length;
+    const end = host + length;
     for (const w of this.inflight) if (w.start < end && host < w.end) await w.settled;
-    const p = storage.write(buf, host);
+    const p = Array.isArray(buf) ? storage.writev!(buf, host) : storage.write(buf, host);
     const w: Inflight = {
       start: host,
       end,
@@ -812,7 +815,7 @@ export class Qcow2Writer {
   /**
    * Compressed clusters for consecutive guest clusters from `guest`: each gets its bytes from the
    * refcounts (packed, as QEMU packs them), the bytes that landed next to each other go out as one
-   * write, then the L2 entries name them. Returns the issued writes, not awaited.
+   * write (pwritev where the storage has it), then the L2 entries name them. Returns the issued writes, not awaited.
    */
   private async writeCompressedClusters(guest: number, outs: Uint8Array[]): Promise<Promise<void>[]> {
     const g = this.g;
@@ -842,17 +845,14 @@ export class Qcow2Writer {
       throw err;
     }
     const issued: Promise<void>[] = [];
+    const storage = this.d.storage;
     let i = 0;
     while (i < placed.length) {
       let j = i + 1;
       let length = placed[i]!.out.length;
-      while (j < placed.length && placed[j]!.host === placed[i]!.host + length) length += placed[j++]!.out.length;
-      let buf = placed[i]!.out;
-      if (j - i > 1) {
-        buf = new Uint8Array(length);
-        for (let k = i, at = 0; k < j; at += placed[k]!.out.length, k++) buf.set(placed[k]!.out, at);
-      }
-      issued.push((await this.issue(this.d.storage, buf, placed[i]!.host)).done);
+      if (storage.writev) while (j < placed.length && placed[j]!.host === placed[i]!.host + length) length += placed[j++]!.out.length;
+      const bufs = placed.slice(i, j).map((x) => x.out);
+      issued.push((await this.issue(storage, bufs.length > 1 ? bufs : bufs[0]!, placed[i]!.host)).done);
       i = j;
     }
     const shift = 62 - (g.clusterBits - 8);

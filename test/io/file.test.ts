@@ -1,7 +1,7 @@
 // FileStorage specifics: QEMU-worded open errors, create, disk size, the native switch.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { stat, writeFile, mkdir } from 'node:fs/promises';
+import { readFile, stat, writeFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FileStorage } from '../../src/io/file.js';
 import { loadNative } from '../../src/io/native.js';
@@ -55,6 +55,41 @@ describe('FileStorage', () => {
     expect(await s.allocatedSize()).toBe(st.blocks * 512);
     expect(await s.allocatedSize()).toBeLessThan(1 << 20);
     await s.close();
+  });
+
+  it('writev writes the pieces back to back (more pieces than one pwritev takes), read back with node:fs', async () => {
+    const name = join(tmp.dir(), 'v.img');
+    const s = await FileStorage.open(name, { readOnly: false, create: true });
+    const pieces = Array.from({ length: 1500 }, (_, i) => new Uint8Array(1 + (i % 37)).fill(i & 0xff));
+    await s.writev(pieces, 4096 + 3);
+    await s.close();
+    const got = new Uint8Array(await readFile(name));
+    const want = new Uint8Array(4096 + 3 + pieces.reduce((n, p) => n + p.length, 0));
+    let at = 4096 + 3;
+    for (const p of pieces) {
+      want.set(p, at);
+      at += p.length;
+    }
+    expect(got.length).toBe(want.length);
+    expect(Buffer.from(got).equals(Buffer.from(want))).toBe(true);
+  });
+
+  it('reserveHint reserves blocks without changing what reads back, and is a no-op without native helpers', async () => {
+    const name = join(tmp.dir(), 'h.img');
+    const s = await FileStorage.open(name, { readOnly: false, create: true });
+    await s.write(new Uint8Array(4096).fill(7), 0);
+    s.reserveHint(4096, 1 << 20);
+    await s.write(new Uint8Array(1 << 20).fill(9), 4096);
+    await s.close();
+    const got = new Uint8Array(await readFile(name));
+    expect(got.length).toBe(4096 + (1 << 20));
+    expect(got[0]).toBe(7);
+    expect(got[4096]).toBe(9);
+    expect(got[got.length - 1]).toBe(9);
+    const plain = await FileStorage.open(name, { readOnly: false, native: false });
+    plain.reserveHint(2 << 20, 1 << 20);
+    expect(await plain.size()).toBe(4096 + (1 << 20));
+    await plain.close();
   });
 
   it('offers extents/discard/writeZeroes only with the native path, and never read-only discard', async () => {
