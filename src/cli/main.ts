@@ -2,6 +2,8 @@
 
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import packageJson from '../../package.json';
 import { getopt, type OptionSpec } from './getopt.js';
 import { CliError, PROGRAM, reportError, usageError, type CliContext, type CliOutput } from './common.js';
@@ -112,7 +114,41 @@ function isEntryPoint(): boolean {
   }
 }
 
+/**
+ * Young-generation collections when dead buffers pile up, for the CLI process. Streaming an image
+ * allocates a few small ArrayBuffers per cluster (compressed outputs, zlib streams) and little else
+ * on the JS heap, so V8 scavenges rarely and dead buffers accumulate: a 2 GiB `convert -c` peaked
+ * at ~110 MiB RSS, ~35 MiB of it dead ArrayBuffers. Every 25 ms, when ArrayBuffer memory grew by
+ * 8 MiB since the last collection, a minor GC (well under a millisecond with a small heap) frees
+ * them: ~87 MiB. (Collecting on a fixed clock instead made V8 grow the young generation when
+ * little was garbage.) The CLI owns its process, so it may expose gc; the library never does this.
+ */
+function startScavenging(): void {
+  try {
+    setFlagsFromString('--expose-gc');
+    const gc = runInNewContext('gc') as ((options?: { type: 'minor' | 'major' }) => void) | undefined;
+    if (typeof gc !== 'function') return;
+    const external = (): number => process.memoryUsage().arrayBuffers;
+    let base = external();
+    setInterval(() => {
+      const now = external();
+      if (now - base < SCAVENGE_GROWTH) {
+        base = Math.min(base, now);
+        return;
+      }
+      gc({ type: 'minor' });
+      base = external();
+    }, 25).unref();
+  } catch {
+    // Not available (another runtime): nothing to do.
+  }
+}
+
+/** External (ArrayBuffer) memory growth that triggers a minor GC. */
+const SCAVENGE_GROWTH = 8 * 1024 * 1024;
+
 async function run(): Promise<void> {
+  startScavenging();
   const stdout = new BufferedOutput(process.stdout);
   const stderr = new BufferedOutput(process.stderr);
   // A closed pipe on stdout (qimg map | head) ends quietly, as qemu-img ignores SIGPIPE and exits.
