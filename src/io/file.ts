@@ -1,7 +1,7 @@
 // A Storage over a file (fs/promises FileHandle), with koffi fast paths when available.
 // This is the only module in src/ that imports node:fs.
 
-import { read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
+import { fstatSync, ftruncateSync, read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
 import { open as fsOpen, type FileHandle } from 'node:fs/promises';
 import type { OpenStorageOptions, Storage, StorageExtent } from './storage.js';
 import { extentCollector } from './storage.js';
@@ -78,6 +78,9 @@ function wrap(what: string, path: string, err: unknown, data: Record<string, unk
 /** fs open flags: read-only, read-write, and create (truncating). */
 const DEFAULT_OPEN_FLAGS = { read: 'r', write: 'r+', create: 'w+' } as const;
 
+/** How far past the end of the file reserveHint reserves blocks at a time. */
+const RESERVE_AHEAD = 32 * 1024 * 1024;
+
 /** Buffers per pwritev call (Linux IOV_MAX is 1024). */
 const WRITEV_MAX = 1024;
 
@@ -95,11 +98,16 @@ export class FileStorage implements Storage {
   private closed = false;
   /** Reads and writes in flight on the descriptor; close waits for them (as FileHandle.close does). */
   private inflight = 0;
-  private drained: (() => void) | null = null;
+  /** Woken when no read or write is in flight any more. */
+  private drained: (() => void)[] = [];
   /** Cleared when the file system refuses FALLOC_FL_PUNCH_HOLE; discard then writes zeros. */
   private punchSupported = true;
   /** Cleared at the first refused reserveHint (no fallocate there): the hint is then a no-op. */
   private reserveSupported = true;
+  /** The window reserveHint reserved ahead past the end of the file (see reserveHint). */
+  private reservedStart = 0;
+  private reservedEnd = 0;
+  private reservedPastEof = false;
   private readonly extentsFn = (offset: number, length: number): Promise<StorageExtent[]> =>
     this.nativeExtents(offset, length);
   private readonly discardFn = (offset: number, length: number): Promise<void> => this.nativeDiscard(offset, length);
@@ -138,16 +146,60 @@ export class FileStorage implements Storage {
     return this.native && !this.readOnly ? this.writeZeroesFn : undefined;
   }
 
-  /** See Storage.reserveHint: fallocate mode 0 on the calling thread when the native helpers load. */
+  /**
+   * See Storage.reserveHint. Past the end of the file (an image growing as it is written) the
+   * blocks are reserved RESERVE_AHEAD at a time with FALLOC_FL_KEEP_SIZE, so that the size only
+   * grows with the writes and a reservation is one system call per 32 MiB rather than per write
+   * (each one waits for the inode lock the writes in flight hold); inside the file exactly the
+   * range. Blocks reserved past the end are given back (ftruncate to the same size, once no write
+   * is in flight) on flush and close, so the file's "disk size" is what was written.
+   */
   reserveHint(offset: number, length: number): void {
     if (!this.reserveSupported || this.closed || this.readOnly || length <= 0) return;
+    if (offset >= this.reservedStart && offset + length <= this.reservedEnd) return;
     const native = this.native;
     if (!native) {
       this.reserveSupported = false;
       return;
     }
+    let size: number;
+    try {
+      size = fstatSync(this.handle.fd).size;
+    } catch {
+      return;
+    }
+    let end = offset + length;
+    if (offset >= size) {
+      end = Math.max(end, offset + RESERVE_AHEAD);
+      this.reservedStart = offset;
+      this.reservedEnd = end;
+      this.reservedPastEof = true;
+    } else if (end > size) {
+      this.reservedPastEof = true;
+    }
     // Any failure (no space, no fallocate here): the write that follows reports what matters.
-    if (native.allocate(this.handle.fd, offset, length) !== 0) this.reserveSupported = false;
+    if (native.reserve(this.handle.fd, offset, end - offset) !== 0) {
+      this.reserveSupported = false;
+      this.reservedStart = this.reservedEnd = 0;
+    }
+  }
+
+  /**
+   * Gives back blocks reserved past the end of the file (ext4 frees them on a truncate to the same
+   * size). Synchronous once nothing is in flight, so no write of this storage can slip between
+   * reading the size and truncating to it.
+   */
+  private async releaseReserved(): Promise<void> {
+    if (!this.reservedPastEof) return;
+    while (this.inflight > 0) await new Promise<void>((resolve) => this.drained.push(resolve));
+    if (!this.reservedPastEof) return;
+    this.reservedPastEof = false;
+    this.reservedStart = this.reservedEnd = 0;
+    try {
+      ftruncateSync(this.handle.fd, fstatSync(this.handle.fd).size);
+    } catch {
+      // Only space: the data is intact either way.
+    }
   }
 
   /** Present when the native fast paths are loaded (fallocate mode 0). */
@@ -299,12 +351,11 @@ export class FileStorage implements Storage {
   }
 
   private opDone(): void {
-    if (--this.inflight === 0 && this.drained) {
-      const wake = this.drained;
-      this.drained = null;
-      wake();
+    if (--this.inflight === 0 && this.drained.length > 0) {
+      for (const wake of this.drained.splice(0)) wake();
     }
   }
+
 
   async size(): Promise<number> {
     checkOpen(this.name, this.closed);
@@ -328,6 +379,7 @@ export class FileStorage implements Storage {
 
   async flush(): Promise<void> {
     checkOpen(this.name, this.closed);
+    await this.releaseReserved();
     if (this.readOnly || this.noFlush) return;
     try {
       // QEMU's flush of a file is fdatasync.
@@ -339,8 +391,9 @@ export class FileStorage implements Storage {
 
   async close(): Promise<void> {
     if (this.closed) return;
+    await this.releaseReserved();
     this.closed = true;
-    if (this.inflight > 0) await new Promise<void>((resolve) => (this.drained = resolve));
+    if (this.inflight > 0) await new Promise<void>((resolve) => this.drained.push(resolve));
     try {
       await this.handle.close();
     } catch (err) {

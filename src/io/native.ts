@@ -25,6 +25,8 @@ export interface NativeFileOps {
   punchHole(fd: number, offset: number, length: number): number;
   /** Reserves [offset, offset+length) (fallocate mode 0: extends the file, keeps data); 0 or -errno. */
   allocate(fd: number, offset: number, length: number): number;
+  /** Reserves blocks for [offset, offset+length) without changing the file size (FALLOC_FL_KEEP_SIZE); 0 or -errno. */
+  reserve(fd: number, offset: number, length: number): number;
   /** Copies up to `length` bytes in the kernel; bytes copied or -errno. */
   copyFileRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
 }
@@ -101,6 +103,10 @@ function tryLoad(): NativeFileOps | null {
       },
       allocate: (fd, offset, length) => {
         const r = toNumber(fallocate(fd, 0, offset, length));
+        return r < 0 ? -koffi.errno() : 0;
+      },
+      reserve: (fd, offset, length) => {
+        const r = toNumber(fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length));
         return r < 0 ? -koffi.errno() : 0;
       },
       copyFileRange: (fdIn, offIn, fdOut, offOut, length) => {

@@ -79,8 +79,13 @@ describe('FileStorage', () => {
     const s = await FileStorage.open(name, { readOnly: false, create: true });
     await s.write(new Uint8Array(4096).fill(7), 0);
     s.reserveHint(4096, 1 << 20);
+    // Past the end: reserved ahead without growing the file.
+    expect(await s.size()).toBe(4096);
     await s.write(new Uint8Array(1 << 20).fill(9), 4096);
+    if (s.nativeEnabled) expect((await stat(name)).blocks * 512).toBeGreaterThan(8 << 20);
     await s.close();
+    // Closing gave back what was reserved past the end.
+    expect((await stat(name)).blocks * 512).toBeLessThanOrEqual(4096 + (1 << 20) + 65536);
     const got = new Uint8Array(await readFile(name));
     expect(got.length).toBe(4096 + (1 << 20));
     expect(got[0]).toBe(7);
