@@ -7,12 +7,14 @@
 import { stat } from 'node:fs/promises';
 import type { Image } from '../image.js';
 import type { Storage } from '../io/storage.js';
-import { FileStorage } from '../io/file.js';
+import { FileStorage, strerror } from '../io/file.js';
 import { createRaw } from '../raw/create.js';
-import { NotFoundError } from '../errors.js';
+import { NotFoundError, QimgError } from '../errors.js';
 import { openImage, type OpenedImage } from '../open.js';
 import { createImage, type CreateImageOptions } from '../create.js';
-import { convert, convertTargetSize, type ConvertOptions } from '../convert/convert.js';
+import {
+  ConvertBlockStatusError, ConvertReadError, convert, convertTargetSize, type ConvertOptions,
+} from '../convert/convert.js';
 import { getopt, type OptionSpec } from './getopt.js';
 import { CliError, cvtnum, errorText, openForCli, usageError, type CliContext } from './common.js';
 import { parseCreateOptions } from './options.js';
@@ -136,6 +138,7 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
   let tgtImageOpts = false;
   let bitmaps = false;
   let skipBroken = false;
+  let rateLimit = 0;
   for (const o of options) {
     switch (o.key) {
       case 'help':
@@ -185,7 +188,7 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         else if (o.value === 'human') progress = true;
         else throw new CliError(`Invalid progress format '${o.value}' (expected 'json' or 'human')`);
         break;
-      case 'r': cvtnum('rate limit', o.value!); break; // accepted, not enforced
+      case 'r': rateLimit = cvtnum('rate limit', o.value!); break;
       case 'object': throw new CliError('--object is not supported by qimg');
       case 'image-opts': throw new CliError('--image-opts is not supported by qimg');
       case 'target-image-opts': tgtImageOpts = true; break;
@@ -358,6 +361,20 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       minSparse,
       parallel,
       signal: abort.signal,
+      ...(rateLimit ? { rateLimit } : {}),
+      ...(salvage
+        ? {
+            salvage: true,
+            onReadError: ({ offset, error }) => {
+              if (!quiet) ctx.stderr.write(`qimg: warning: error while reading offset ${offset}: ${errnoText(error)}\n`);
+            },
+            onBlockStatusError: ({ offset, error }) => {
+              if (!quiet) {
+                ctx.stderr.write(`qimg: warning: error while reading block status at offset ${offset}: ${errnoText(error)}\n`);
+              }
+            },
+          }
+        : {}),
       ...(progress || json
         ? {
             onProgress: ({ done, total }) => {
@@ -388,6 +405,10 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
           exitCode: INTERRUPTED_EXIT,
         });
       }
+      if (e instanceof ConvertReadError) throw new CliError(`error while reading at byte ${e.offset}: ${errnoText(e.cause)}`);
+      if (e instanceof ConvertBlockStatusError) {
+        throw new CliError(`error while reading block status at offset ${e.offset}: ${errnoText(e.cause)}`);
+      }
       throw e;
     }
     if (bitmaps) {
@@ -416,6 +437,16 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
   }
   json?.finish();
   return 0;
+}
+
+/**
+ * The strerror text QEMU would report for a failed read: the errno of a failed file operation,
+ * else EIO (what QEMU's drivers return for corrupt data, e.g. a compressed cluster that does not
+ * decompress).
+ */
+function errnoText(e: unknown): string {
+  const code = e instanceof QimgError ? e.data.errno : undefined;
+  return typeof code === 'string' ? strerror(code) : 'Input/output error';
 }
 
 /** qcow2 v3 images store persistent bitmaps (QEMU's bdrv_supports_persistent_dirty_bitmap). */

@@ -11,6 +11,7 @@ import { Image } from '../image.js';
 import type { Storage } from '../io/storage.js';
 import { writeZeroBytes } from '../io/zero.js';
 import { UsageError } from '../errors.js';
+import { WriteThrottle } from './throttle.js';
 
 const SECTOR = 512;
 /** Bytes per request when compressing (whole clusters; at least one). */
@@ -71,6 +72,39 @@ export interface ConvertOptions {
   targetHasBacking?: boolean;
   /** Issue writes as soon as their data is read instead of in guest order (qemu-img -W). */
   outOfOrder?: boolean;
+
+  /**
+   * Keep going on read errors (qemu-img --salvage): a request that fails is read again sector by
+   * sector, and each sector that still fails reads as zeros (reported through onReadError). A
+   * block-status query that fails is retried on a quarter of the range until one sector, which is
+   * then read as data (reported through onBlockStatusError).
+   */
+  salvage?: boolean;
+  /**
+   * Limit the target's write throughput to this many bytes per second (qemu-img -r; 0 or absent:
+   * no limit). Written, zeroed and compressed ranges count with their guest length.
+   */
+  rateLimit?: number;
+  /** With `salvage`: one unreadable sector, at `offset` in source number `source`. */
+  onReadError?: (info: { source: number; offset: number; error: unknown }) => void;
+  /** With `salvage`: block status failed for the sector at `offset` in source number `source`. */
+  onBlockStatusError?: (info: { source: number; offset: number; error: unknown }) => void;
+}
+
+/** A read from a source failed (without `salvage`): `offset` is the byte of the copy request in the concatenated disk. */
+export class ConvertReadError extends Error {
+  constructor(readonly offset: number, override readonly cause: unknown) {
+    super(`error while reading at byte ${offset}: ${cause instanceof Error ? cause.message : String(cause)}`);
+    this.name = 'ConvertReadError';
+  }
+}
+
+/** Block status of a source failed (without `salvage`); `offset` is in that source. */
+export class ConvertBlockStatusError extends Error {
+  constructor(readonly offset: number, override readonly cause: unknown) {
+    super(`error while reading block status at offset ${offset}: ${cause instanceof Error ? cause.message : String(cause)}`);
+    this.name = 'ConvertBlockStatusError';
+  }
 }
 
 /** `data`: read and write; `zero`: reads as zeros; `backing`: leave the target unallocated (-B). */
@@ -106,6 +140,7 @@ class ChunkPlanner {
     private readonly bufSectors: number,
     private readonly zeroAsData: boolean,
     private readonly mode: PlannerMode = DEFAULT_MODE,
+    private readonly salvage: SalvageHooks | null = null,
   ) {}
 
   async next(): Promise<Chunk | null> {
@@ -128,18 +163,21 @@ class ChunkPlanner {
       const bytes = Math.min(want * SECTOR, part.image.virtualSize - offset);
       let status: ChunkStatus;
       if (bytes > 0) {
-        const image = part.image;
-        const backing = image.backing;
-        let top: Awaited<ReturnType<Image['driver']['getMapping']>> | null = null;
-        if (targetHasBacking && backing) top = await image.driver.getMapping(offset, bytes);
-        if (top && top.kind === 'unallocated' && offset < backing!.virtualSize) {
-          // Block status above the source's backing file: unallocated in the top image.
-          n = Math.ceil(Math.min(top.length, bytes) / SECTOR);
-          status = 'backing';
-        } else {
-          const st = await image.blockStatusAt(offset, top ? Math.min(top.length, bytes) : bytes);
-          n = Math.ceil(st.length / SECTOR);
-          status = st.zero ? 'zero' : 'data';
+        let tryBytes = bytes;
+        for (;;) {
+          try {
+            ({ n, status } = await this.runStatus(part, offset, tryBytes));
+            break;
+          } catch (error) {
+            if (!this.salvage) throw new ConvertBlockStatusError(offset, error);
+            if (tryBytes <= SECTOR) {
+              this.salvage.onBlockStatusError?.({ source: this.parts.indexOf(part), offset, error });
+              n = 1;
+              status = 'data';
+              break;
+            }
+            tryBytes = Math.min(tryBytes, Math.ceil(Math.ceil(tryBytes / SECTOR) / 4) * SECTOR);
+          }
         }
       } else {
         n = want;
@@ -177,6 +215,30 @@ class ChunkPlanner {
     this.sector = sector + n;
     return { sector, sectors: n, status: this.status };
   }
+
+  /** The status of [offset, offset+bytes) in one source: sectors of the run and its kind. */
+  private async runStatus(part: SourcePart, offset: number, bytes: number): Promise<{ n: number; status: ChunkStatus }> {
+    const image = part.image;
+    const backing = image.backing;
+    let top: Awaited<ReturnType<Image['driver']['getMapping']>> | null = null;
+    if (this.mode.targetHasBacking && backing) top = await image.driver.getMapping(offset, bytes);
+    if (top && top.kind === 'unallocated' && offset < backing!.virtualSize) {
+      // Block status above the source's backing file: unallocated in the top image.
+      return { n: Math.ceil(Math.min(top.length, bytes) / SECTOR), status: 'backing' };
+    }
+    const st = await image.blockStatusAt(offset, top ? Math.min(top.length, bytes) : bytes);
+    return { n: Math.ceil(st.length / SECTOR), status: st.zero ? 'zero' : 'data' };
+  }
+}
+
+interface SalvageHooks {
+  onReadError?: ConvertOptions['onReadError'];
+  onBlockStatusError?: ConvertOptions['onBlockStatusError'];
+}
+
+function salvageHooks(options: ConvertOptions): SalvageHooks | null {
+  if (!options.salvage) return null;
+  return { onReadError: options.onReadError, onBlockStatusError: options.onBlockStatusError };
 }
 
 interface PlannerMode {
@@ -290,8 +352,14 @@ async function setup(source: Image | Image[], options: ConvertOptions): Promise<
   return { parts, totalSectors, bufSectors, parallel, minSparseSectors, alignment };
 }
 
-/** Fills buf with the concatenated sources' sectors [sector, sector + sectors) (a request may span two sources when compressing). */
-async function readSectors(parts: SourcePart[], buf: Uint8Array, sector: number, sectors: number): Promise<void> {
+/**
+ * Fills buf with the concatenated sources' sectors [sector, sector + sectors) (a request may span
+ * two sources when compressing). With salvage, a failed read is retried sector by sector and the
+ * sectors that still fail read as zeros; without, the failure is a ConvertReadError.
+ */
+async function readSectors(
+  parts: SourcePart[], buf: Uint8Array, sector: number, sectors: number, salvage: SalvageHooks | null = null,
+): Promise<void> {
   let pos = 0;
   while (pos < sectors) {
     const s = sector + pos;
@@ -299,11 +367,29 @@ async function readSectors(parts: SourcePart[], buf: Uint8Array, sector: number,
     const n = Math.min(sectors - pos, part.start + part.sectors - s);
     const offset = (s - part.start) * SECTOR;
     const dst = buf.subarray(pos * SECTOR, (pos + n) * SECTOR);
-    const inImage = Math.max(0, Math.min(dst.length, part.image.virtualSize - offset));
-    if (inImage > 0) await part.image.readInto(dst.subarray(0, inImage), offset);
-    dst.fill(0, inImage);
+    try {
+      await readPart(part, dst, offset);
+    } catch (error) {
+      if (!salvage) throw new ConvertReadError(sector * SECTOR, error);
+      for (let i = 0; i < n; i++) {
+        const one = dst.subarray(i * SECTOR, (i + 1) * SECTOR);
+        try {
+          await readPart(part, one, offset + i * SECTOR);
+        } catch (e) {
+          salvage.onReadError?.({ source: parts.indexOf(part), offset: offset + i * SECTOR, error: e });
+          one.fill(0);
+        }
+      }
+    }
     pos += n;
   }
+}
+
+/** Reads dst.length bytes at offset of one source; its last sector's tail past the image's end reads as zeros. */
+async function readPart(part: SourcePart, dst: Uint8Array, offset: number): Promise<void> {
+  const inImage = Math.max(0, Math.min(dst.length, part.image.virtualSize - offset));
+  if (inImage > 0) await part.image.readInto(dst.subarray(0, inImage), offset);
+  dst.fill(0, inImage);
 }
 
 /**
@@ -396,7 +482,8 @@ export async function convert(source: Image | Image[], target: Storage | Image, 
  * Copies `source` (or several sources, concatenated) to `target` as raw bytes. The target ends up
  * exactly the source's size rounded up to 512 bytes (as qemu-img sizes it in sectors).
  */
-async function convertToStorage(source: Image | Image[], target: Storage, options: ConvertOptions): Promise<void> {
+async function convertToStorage(source: Image | Image[], storage: Storage, options: ConvertOptions): Promise<void> {
+  const target = throttledStorage(storage, options.rateLimit);
   if (options.compress) throw new UsageError('Compression not supported for this file format');
   if (options.targetHasBacking) throw new UsageError("Backing file not supported for file format 'raw'");
   const st = await setup(source, options);
@@ -423,7 +510,8 @@ async function convertToStorage(source: Image | Image[], target: Storage, option
   };
 
   const tests = new WeakMap<Uint8Array, (i: number) => boolean>();
-  await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData), zeroAsData, async (chunk, _index, buf) => {
+  const salvage = salvageHooks(options);
+  await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData, DEFAULT_MODE, salvage), zeroAsData, async (chunk, _index, buf) => {
     let isZeroSector = tests.get(buf);
     if (!isZeroSector) tests.set(buf, (isZeroSector = zeroSectorTest(buf)));
     const { sector, sectors } = chunk;
@@ -431,7 +519,7 @@ async function convertToStorage(source: Image | Image[], target: Storage, option
       await zeroRange(sector * SECTOR, sectors * SECTOR);
       return;
     }
-    if (chunk.status === 'data') await readSectors(parts, buf, sector, sectors);
+    if (chunk.status === 'data') await readSectors(parts, buf, sector, sectors, salvage);
     else buf.fill(0, 0, sectors * SECTOR);
     if (zeroAsData) {
       await target.write(buf.subarray(0, sectors * SECTOR), sector * SECTOR);
@@ -460,7 +548,8 @@ async function convertToStorage(source: Image | Image[], target: Storage, option
  *   clusters skipped like zero ranges.
  * - `targetHasBacking`: see the option.
  */
-async function convertToImage(source: Image | Image[], target: Image, options: ConvertOptions): Promise<void> {
+async function convertToImage(source: Image | Image[], image: Image, options: ConvertOptions): Promise<void> {
+  const target = throttledImage(image, options.rateLimit);
   if (target.readOnly) throw new UsageError(`${target.storage.name}: the target image is open read-only`);
   const compress = options.compress ?? false;
   const targetHasBacking = options.targetHasBacking ?? false;
@@ -590,12 +679,13 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
     return ops;
   };
 
+  const salvage = salvageHooks(options);
   try {
-    await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData, mode), zeroAsData, async (chunk, index, buf) => {
+    await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData, mode, salvage), zeroAsData, async (chunk, index, buf) => {
       let isZeroSector = tests.get(buf);
       if (!isZeroSector) tests.set(buf, (isZeroSector = zeroSectorTest(buf)));
       try {
-        if (chunk.status === 'data') await readSectors(parts, buf, chunk.sector, chunk.sectors);
+        if (chunk.status === 'data') await readSectors(parts, buf, chunk.sector, chunk.sectors, salvage);
         else if (chunk.status === 'zero' && zeroAsData) buf.fill(0, 0, chunk.sectors * SECTOR);
         await turn(index);
         if (broken) return;
@@ -621,6 +711,44 @@ async function convertToImage(source: Image | Image[], target: Image, options: C
   }
 }
 
+/** The storage with its writes admitted by a WriteThrottle (itself when there is no limit). */
+function throttledStorage(storage: Storage, rate: number | undefined): Storage {
+  if (!rate) return storage;
+  const t = new WriteThrottle(rate);
+  const writeZeroes = storage.writeZeroes;
+  const wrapped: Storage = {
+    name: storage.name,
+    readOnly: storage.readOnly,
+    read: (buf, offset) => storage.read(buf, offset),
+    write: (buf, offset) => t.run(buf.length, () => storage.write(buf, offset)),
+    size: () => storage.size(),
+    truncate: (size) => storage.truncate(size),
+    flush: () => storage.flush(),
+    close: () => storage.close(),
+  };
+  if (writeZeroes) wrapped.writeZeroes = (offset, length) => t.run(length, () => writeZeroes.call(storage, offset, length));
+  return wrapped;
+}
+
+/** What convertToImage calls on its target; writes admitted by a WriteThrottle when there is a limit. */
+type ImageTarget = Pick<Image, 'write' | 'writeZeroes' | 'writeCompressed' | 'readOnly' | 'format' | 'info' | 'virtualSize' | 'backing' | 'storage'>;
+
+function throttledImage(image: Image, rate: number | undefined): ImageTarget {
+  if (!rate) return image;
+  const t = new WriteThrottle(rate);
+  return {
+    write: (offset, data) => t.run(data.length, () => image.write(offset, data)),
+    writeZeroes: (offset, length, opts) => t.run(length, () => image.writeZeroes(offset, length, opts)),
+    writeCompressed: (offset, data) => t.run(data.length, () => image.writeCompressed(offset, data)),
+    get readOnly() { return image.readOnly; },
+    get format() { return image.format; },
+    info: () => image.info(),
+    get virtualSize() { return image.virtualSize; },
+    get backing() { return image.backing; },
+    get storage() { return image.storage; },
+  };
+}
+
 /** Waits for every operation (buf is free for reuse only then), then throws the first failure. */
 async function settleAll(ops: Promise<void>[]): Promise<void> {
   const rs = await Promise.allSettled(ops);
@@ -634,7 +762,7 @@ async function settleAll(ops: Promise<void>[]): Promise<void> {
  * the caller keeps `data` untouched until they all settle.
  */
 function issueCompressedRuns(
-  target: Image, base: number, data: Uint8Array, clusterSize: number,
+  target: ImageTarget, base: number, data: Uint8Array, clusterSize: number,
   zeroRange: (offset: number, length: number) => Promise<void>, skipZero: boolean,
 ): Promise<void>[] {
   const ops: Promise<void>[] = [];
