@@ -362,6 +362,7 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       parallel,
       signal: abort.signal,
       ...(rateLimit ? { rateLimit } : {}),
+      ...(copyRange ? { copyRange: true } : {}),
       ...(salvage
         ? {
             salvage: true,

@@ -12,6 +12,7 @@ import type { Storage } from '../io/storage.js';
 import { writeZeroBytes } from '../io/zero.js';
 import { UsageError } from '../errors.js';
 import { WriteThrottle } from './throttle.js';
+import { copyRange, type CopyRangeTarget } from './copy-range.js';
 
 const SECTOR = 512;
 /** Bytes per request when compressing (whole clusters; at least one). */
@@ -85,6 +86,13 @@ export interface ConvertOptions {
    * no limit). Written, zeroed and compressed ranges count with their guest length.
    */
   rateLimit?: number;
+  /**
+   * Copy offloading (qemu-img -C): data requests are copied as they are (no sparse detection), by
+   * the kernel's copy_file_range where both ends are files (else read and written). The first
+   * request that cannot be offloaded (a compressed source cluster, say) and all later ones are
+   * copied the ordinary way. Not with `compress`, `salvage` or an explicit `minSparse`.
+   */
+  copyRange?: boolean;
   /** With `salvage`: one unreadable sector, at `offset` in source number `source`. */
   onReadError?: (info: { source: number; offset: number; error: unknown }) => void;
   /** With `salvage`: block status failed for the sector at `offset` in source number `source`. */
@@ -474,6 +482,8 @@ function isZero(buf: Uint8Array): boolean {
  * or an Image opened writable (see convertToImage).
  */
 export async function convert(source: Image | Image[], target: Storage | Image, options: ConvertOptions = {}): Promise<void> {
+  if (options.copyRange && options.compress) throw new UsageError('Cannot enable copy offloading when -c is used');
+  if (options.copyRange && options.salvage) throw new UsageError('Cannot use copy offloading in salvaging mode');
   if (target instanceof Image) return convertToImage(source, target, options);
   return convertToStorage(source, target, options);
 }
@@ -511,10 +521,23 @@ async function convertToStorage(source: Image | Image[], storage: Storage, optio
 
   const tests = new WeakMap<Uint8Array, (i: number) => boolean>();
   const salvage = salvageHooks(options);
+  let offload = options.copyRange ?? false;
+  const copyTarget: CopyRangeTarget = {
+    file: storage,
+    write: (offset, data) => storage.write(data, offset),
+    writeZeroes: async (offset, length) => {
+      if (storage.writeZeroes) await storage.writeZeroes(offset, length);
+      else await writeZeroBytes((b, o) => storage.write(b, o), offset, length);
+    },
+  };
   await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData, DEFAULT_MODE, salvage), zeroAsData, async (chunk, _index, buf) => {
     let isZeroSector = tests.get(buf);
     if (!isZeroSector) tests.set(buf, (isZeroSector = zeroSectorTest(buf)));
     const { sector, sectors } = chunk;
+    if (offload && chunk.status === 'data') {
+      if (await copyChunk(parts, chunk, copyTarget)) return;
+      offload = false;
+    }
     if (chunk.status === 'zero' && !zeroAsData) {
       await zeroRange(sector * SECTOR, sectors * SECTOR);
       return;
@@ -680,15 +703,31 @@ async function convertToImage(source: Image | Image[], image: Image, options: Co
   };
 
   const salvage = salvageHooks(options);
+  let offload = options.copyRange ?? false;
+  const copyTarget: CopyRangeTarget = {
+    file: image.format === 'raw' ? image.storage : null,
+    write: (offset, data) => image.write(offset, data),
+    writeZeroes: (offset, length) => image.writeZeroes(offset, length, { mayUnmap: false }),
+  };
   try {
     await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData, mode, salvage), zeroAsData, async (chunk, index, buf) => {
       let isZeroSector = tests.get(buf);
       if (!isZeroSector) tests.set(buf, (isZeroSector = zeroSectorTest(buf)));
       try {
-        if (chunk.status === 'data') await readSectors(parts, buf, chunk.sector, chunk.sectors, salvage);
+        const tryOffload = offload && chunk.status === 'data';
+        if (chunk.status === 'data' && !tryOffload) await readSectors(parts, buf, chunk.sector, chunk.sectors, salvage);
         else if (chunk.status === 'zero' && zeroAsData) buf.fill(0, 0, chunk.sectors * SECTOR);
         await turn(index);
         if (broken) return;
+        if (tryOffload) {
+          if (await copyChunk(parts, chunk, copyTarget)) {
+            done(index);
+            return;
+          }
+          // As qemu-img: offloading is off from here on; this request is copied the ordinary way.
+          offload = false;
+          await readSectors(parts, buf, chunk.sector, chunk.sectors, salvage);
+        }
         if (compress && (chunk.status === 'data' || (chunk.status === 'zero' && zeroAsData))) {
           // Queued in order now, compressed in parallel: the next request may queue its clusters
           // while these still compress (the writes keep guest order, see Qcow2Writer.writeCompressed).
@@ -747,6 +786,19 @@ function throttledImage(image: Image, rate: number | undefined): ImageTarget {
     get backing() { return image.backing; },
     get storage() { return image.storage; },
   };
+}
+
+/** Offloads a data request (see copyRange), source by source; false when some part could not be offloaded. */
+async function copyChunk(parts: SourcePart[], chunk: Chunk, target: CopyRangeTarget): Promise<boolean> {
+  let pos = 0;
+  while (pos < chunk.sectors) {
+    const s = chunk.sector + pos;
+    const part = parts.find((p) => s < p.start + p.sectors)!;
+    const n = Math.min(chunk.sectors - pos, part.start + part.sectors - s);
+    if (!(await copyRange(part.image, (s - part.start) * SECTOR, n * SECTOR, target, s * SECTOR))) return false;
+    pos += n;
+  }
+  return true;
 }
 
 /** Waits for every operation (buf is free for reuse only then), then throws the first failure. */
