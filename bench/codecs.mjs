@@ -122,6 +122,11 @@ if (!ONLY || ONLY === 'zstd') {
       }
     }
     const sync = loadZstdNativeCompressor();
+    {
+      const pool = new ZstdBatchPool({ workerPath, engine: 'native', threads: 1, inline: (d, s, l) => sync.compress(d, s, l) });
+      row('(b) libzstd: 1 worker + this thread when busy', await measure(perCluster((s) => pool.compress(s, CLUSTER - 1, 3))));
+      await pool.close();
+    }
     const dst = new Uint8Array(CLUSTER + 512);
     row('(c) koffi sync in this thread (1 core)', await measure(perCluster(async (src) => dst.slice(0, sync.compress(dst, src, 3))), { depth: 1 }));
   }

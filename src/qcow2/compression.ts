@@ -13,9 +13,9 @@
 import zlib from 'node:zlib';
 import { FormatError, QimgError } from '../errors.js';
 import { zstdRoom } from './zstd-protocol.js';
-import { ZstdBatchPool, ZstdWorkerPool, availableParallelism, defaultWorkerPath, type ZstdPoolOptions } from './zstd-pool.js';
+import { ZstdBatchPool, ZstdWorkerPool, availableParallelism, defaultWorkerPath, type ZstdBatchPoolOptions, type ZstdPoolOptions } from './zstd-pool.js';
 import { ZSTD_DEFAULT_LEVEL, loadZstdWasm, zstdCompressInto, zstdDecompressNativeAsync, zstdDecompressSync } from './zstd-wasm.js';
-import { loadZstdNative } from './zstd-native.js';
+import { loadZstdNative, loadZstdNativeCompressor } from './zstd-native.js';
 
 export type CompressionType = 'zlib' | 'zstd';
 
@@ -197,24 +197,38 @@ function defaultBatchPool(engine: 'native' | 'wasm'): ZstdBatchPool | null {
   if (pool === undefined) {
     const workerPath = defaultWorkerPath();
     const threads = batchThreads(engine);
-    pool = workerPath && threads > 0 ? new ZstdBatchPool({ workerPath, engine, threads }) : null;
+    pool = workerPath && threads > 0 ? new ZstdBatchPool({ workerPath, engine, threads, inline: inlineCompressor(engine) }) : null;
     sharedBatchPools.set(engine, pool);
   }
   return pool;
 }
 
 /**
- * Compression workers: QIMG_ZSTD_THREADS (0: in this thread), else one per core for libzstd (a
- * worker holds ~10 MiB) and none for the WebAssembly build: its workers hold ~20 MiB each (the
- * thread, the module's code and heap), and measured on 2 cores (raw->qcow2 -c zstd of the 2 GiB
- * bench image, QIMG_NO_NATIVE=1) compressing in the main thread took 8.9 s at 98-100 MiB peak RSS,
- * 1 worker 9.1 s at 108 MiB, 2 workers 6.7 s at 121 MiB: only in-thread stays in the 100 MiB limit.
+ * With libzstd, the main thread compresses too when every worker lane is busy (ZstdBatchPool's
+ * inline option), in place of one more worker: measured on 2 cores, raw->qcow2 -c zstd of the
+ * 2 GiB bench image, 1 worker + inline ~2.3 s at ~96 MiB peak RSS vs 2 workers ~2.5 s at ~105 MiB
+ * (the main thread idles most of a convert). QIMG_ZSTD_INLINE=0 turns it off (benchmarks).
+ */
+function inlineCompressor(engine: 'native' | 'wasm'): ZstdBatchPoolOptions['inline'] {
+  if (engine !== 'native' || process.env.QIMG_ZSTD_INLINE === '0') return undefined;
+  const c = loadZstdNativeCompressor();
+  return c ? (dst, src, level) => c.compress(dst, src, level) : undefined;
+}
+
+/**
+ * Compression workers: QIMG_ZSTD_THREADS (0: in this thread), else for libzstd one per core but
+ * the one the main thread lends (inlineCompressor; a worker holds ~10 MiB), and none for the
+ * WebAssembly build: its workers hold ~20 MiB each (the thread, the module's code and heap), and
+ * measured on 2 cores (same convert, QIMG_NO_NATIVE=1) compressing in the main thread took 8.9 s
+ * at 98-100 MiB peak RSS, 1 worker 9.1 s at 108 MiB, 2 workers 6.7 s at 121 MiB: only in-thread
+ * stays in the 100 MiB limit.
  */
 function batchThreads(engine: 'native' | 'wasm'): number {
   const env = process.env.QIMG_ZSTD_THREADS;
   if (env !== undefined && env !== '' && Number.isInteger(Number(env)) && Number(env) >= 0) return Number(env);
   const cores = availableParallelism();
-  return engine === 'native' ? cores : 0;
+  if (engine === 'wasm') return 0;
+  return inlineCompressor(engine) ? Math.max(1, cores - 1) : cores;
 }
 
 function makeZstdCodec(options: CodecOptions): ClusterCodec {
@@ -230,7 +244,9 @@ function makeZstdCodec(options: CodecOptions): ClusterCodec {
     // 'workers' asks for at least one, whatever the machine.
     const threads = custom?.threads ?? (mode === 'workers' ? Math.max(1, batchThreads(engine)) : batchThreads(engine));
     if (workerPath && threads > 0) {
-      batchPool = custom?.workerPath || mode === 'workers' ? new ZstdBatchPool({ workerPath, engine, threads }) : defaultBatchPool(engine);
+      batchPool = custom?.workerPath || mode === 'workers'
+        ? new ZstdBatchPool({ workerPath, engine, threads, inline: inlineCompressor(engine) })
+        : defaultBatchPool(engine);
     }
   }
   // Decompression in workers only when asked for (a round trip costs more than decoding one cluster).

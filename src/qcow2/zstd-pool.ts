@@ -139,6 +139,12 @@ export interface ZstdBatchPoolOptions {
   batchBytes?: number;
   /** Batches one worker holds at once (the next one waits in its buffers while it compresses); default 2. */
   lanes?: number;
+  /**
+   * A synchronous compressor for this thread (the frame's length or -(ZSTD error code)): when every
+   * worker lane is busy, this thread compresses queued jobs too, one per event-loop turn, so that
+   * it lends its idle time instead of another worker's ~10 MiB.
+   */
+  inline?: (dst: Uint8Array, src: Uint8Array, level: number) => number;
 }
 
 /**
@@ -160,6 +166,9 @@ export class ZstdBatchPool {
   private readonly queue: NativeJob[] = [];
   private head = 0;
   private scheduled = false;
+  private readonly inline: ZstdBatchPoolOptions['inline'] | null;
+  private inlineScheduled = false;
+  private inlineScratch: Uint8Array | null = null;
   /** Set when a worker could not load libzstd: every later request fails at once. */
   private broken: Error | null = null;
 
@@ -169,6 +178,7 @@ export class ZstdBatchPool {
     this.threads = Math.max(1, options.threads ?? availableParallelism());
     this.batchBytes = Math.max(1, options.batchBytes ?? 256 * 1024);
     this.laneCount = Math.max(1, options.lanes ?? 2);
+    this.inline = options.inline ?? null;
   }
 
   /** One frame (ZSTD_compressCCtx at `level`), or null when it is longer than maxLength. */
@@ -216,12 +226,38 @@ export class ZstdBatchPool {
         if (s.busy < this.laneCount && (!slot || s.busy < slot.busy)) slot = s;
       }
       if ((!slot || slot.busy > 0) && spawnable > 0) slot = this.spawn();
-      if (!slot) return; // every lane busy: the next reply pumps again
+      if (!slot) {
+        // Every lane busy: the next reply pumps again; meanwhile this thread may take one.
+        if (this.inline && !this.inlineScheduled) {
+          this.inlineScheduled = true;
+          setImmediate(() => this.runInline());
+        }
+        return;
+      }
       // Idle workers share what is queued (a request's clusters all in one worker would wait for
       // each other); a busy worker's spare lane takes a full batch.
       const share = slot.busy === 0 ? Math.ceil(this.pending / (idle + spawnable)) : Infinity;
       this.post(slot, share);
     }
+  }
+
+  /** One queued job compressed in this thread (after the I/O callbacks of this turn). */
+  private runInline(): void {
+    this.inlineScheduled = false;
+    if (this.pending === 0 || this.broken || !this.inline) return;
+    const job = this.queue[this.head]!;
+    this.queue[this.head++] = undefined as unknown as NativeJob;
+    const room = zstdRoom(job.src.length);
+    if (!this.inlineScratch || this.inlineScratch.length < room) this.inlineScratch = new Uint8Array(room);
+    try {
+      const n = this.inline(this.inlineScratch.subarray(0, room), job.src, job.level);
+      if (n >= 0 && n <= job.maxLength) job.resolve(this.inlineScratch.slice(0, n));
+      else if (n >= 0 || n === -70) job.resolve(null);
+      else job.reject(new QimgError('IO', `zstd compression failed (libzstd error ${-n})`, { zstdError: -n }));
+    } catch (err) {
+      job.reject(err instanceof Error ? err : new Error(String(err)));
+    }
+    this.pump();
   }
 
   private post(slot: NativeSlot, maxJobs: number): void {

@@ -10,7 +10,7 @@ import { pathToFileURL } from 'node:url';
 import { build } from 'esbuild';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CodecRegistry } from '../../src/qcow2/compression.js';
-import { loadZstdNative } from '../../src/qcow2/zstd-native.js';
+import { loadZstdNative, loadZstdNativeCompressor } from '../../src/qcow2/zstd-native.js';
 import { ZstdBatchPool } from '../../src/qcow2/zstd-pool.js';
 import { loadZstdWasm, zstdCompressInto, zstdCompressSync } from '../../src/qcow2/zstd-wasm.js';
 import { CLUSTER, compressedClusters, hasTool, makeData, run, type DataKind } from './helpers.js';
@@ -120,6 +120,31 @@ describe.each(ENGINES)('ZstdBatchPool (%s)', (engine) => {
     } finally {
       await pool.close();
       rmSync(tmp, { recursive: true, force: true });
+    }
+  });
+
+  it.skipIf(!haveZstd)('lends this thread when every worker lane is busy (inline), frames in order', async () => {
+    await loadZstdWasm();
+    const native = loadZstdNativeCompressor();
+    const compress = engine === 'native' ? native!.compress.bind(native) : zstdCompressInto;
+    let inlined = 0;
+    const pool = new ZstdBatchPool({
+      workerPath, engine, threads: 1, lanes: 1, batchBytes: CLUSTER,
+      inline: (dst, src, level) => {
+        inlined++;
+        return compress(dst, src, level);
+      },
+    });
+    try {
+      const inputs = Array.from({ length: 24 }, (_, i) => makeData(KINDS[i % KINDS.length]!, CLUSTER, i + 31));
+      inputs.push(makeData('random', CLUSTER, 5));
+      const outs = await Promise.all(inputs.map((d) => pool.compress(d, CLUSTER - 1, 3)));
+      expect(inlined).toBeGreaterThan(0);
+      expect(inlined).toBeLessThan(inputs.length);
+      expect(outs[inputs.length - 1]).toBeNull();
+      outs.slice(0, -1).forEach((frame, i) => expect(zstdCli(frame!).equals(Buffer.from(inputs[i]!)), `input ${i}`).toBe(true));
+    } finally {
+      await pool.close();
     }
   });
 
