@@ -222,7 +222,7 @@ export class Qcow2Writer {
       return Promise.reject(new UsageError(`Compressed write of ${data.length} bytes must cover whole clusters (or end at the disk's end)`));
     }
     const compressing = getCodec(this.d.header.compressionType === 1 ? 'zstd' : 'zlib').then((codec) => {
-      const jobs: Promise<Uint8Array | null>[] = [];
+      const chunks: Uint8Array[] = [];
       for (let pos = 0; pos < data.length; pos += cs) {
         let chunk = data.subarray(pos, Math.min(data.length, pos + cs));
         if (chunk.length < cs) {
@@ -230,9 +230,9 @@ export class Qcow2Writer {
           padded.set(chunk);
           chunk = padded;
         }
-        jobs.push(codec.compress(chunk, cs - 1));
+        chunks.push(chunk);
       }
-      return Promise.all(jobs);
+      return codec.compressMany(chunks, cs - 1);
     });
     compressing.catch(() => undefined); // reported by the queued operation below
     let own: Promise<void>[] = [];
