@@ -40,11 +40,6 @@ export interface Qcow2CreateOptions {
   dataFileRaw?: boolean;
 }
 
-/** An optional storage capability: reserve space without writing (fallocate mode 0). */
-export interface AllocatingStorage extends Storage {
-  allocate?(offset: number, length: number): Promise<void>;
-}
-
 export interface Qcow2CreateResult {
   header: Qcow2Header;
   /** Length of the image file and of the data file (if any) after creation. */
@@ -749,8 +744,8 @@ function tableBytes(entries: number[], bytes: number): Uint8Array {
 }
 
 export interface WriteTargets {
-  image: AllocatingStorage;
-  data?: AllocatingStorage;
+  image: Storage;
+  data?: Storage;
 }
 
 const COPIED_HI = 0x80000000;
@@ -768,7 +763,7 @@ export async function writeLayout(layout: Qcow2Layout, header: Qcow2Header, targ
   const plan = layout.plan;
   const cs = plan.clusterSize;
   const image = targets.image;
-  const storageOf = (t: 'image' | 'data'): AllocatingStorage => (t === 'image' ? image : targets.data!);
+  const storageOf = (t: 'image' | 'data'): Storage => (t === 'image' ? image : targets.data!);
   let fallocMethod: 'allocate' | 'zeros' | undefined;
 
   // 1. The minimal image's refcount table and empty refcount block (clusters 1-2), then any

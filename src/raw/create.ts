@@ -7,11 +7,6 @@ import { UsageError } from '../errors.js';
 
 export type RawPreallocation = 'off' | 'falloc' | 'full';
 
-/** An optional storage capability: reserve space without writing (fallocate mode 0). */
-interface AllocatingStorage extends Storage {
-  allocate?(offset: number, length: number): Promise<void>;
-}
-
 export interface RawCreateResult {
   /** The file length (the size rounded up to a multiple of 512). */
   size: number;
@@ -58,7 +53,7 @@ export async function createRaw(storage: Storage, size: number, preallocation?: 
       await storage.write(zeroBuffer(firstBlock), 0);
       break;
     case 'falloc': {
-      const s = storage as AllocatingStorage;
+      const s = storage;
       if (s.allocate) {
         await s.allocate(0, total);
         result.fallocMethod = 'allocate';

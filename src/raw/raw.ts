@@ -12,11 +12,6 @@ export const RAW_SECTOR = 512;
 /** file-posix's MAX_BLOCKSIZE: allocate_first_block writes this much (or one sector for small files). */
 const MAX_BLOCKSIZE = 4096;
 
-/** An optional storage capability: reserve space without writing (fallocate mode 0). */
-interface AllocatingStorage extends Storage {
-  allocate?(offset: number, length: number): Promise<void>;
-}
-
 async function writeZeros(storage: Storage, offset: number, length: number): Promise<void> {
   for (let pos = 0; pos < length; pos += 1 << 20) await storage.write(zeroBuffer(Math.min(1 << 20, length - pos)), offset + pos);
 }
@@ -99,7 +94,7 @@ export class RawDriver implements FormatDriver {
         break;
       case 'falloc': {
         // posix_fallocate from the old end; without the capability, its own fallback (writing zeros).
-        const s = this.storage as AllocatingStorage;
+        const s = this.storage;
         if (s.allocate) {
           if (newSize > current) await s.allocate(current, newSize - current);
         } else {
