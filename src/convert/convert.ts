@@ -10,6 +10,7 @@
 import { Image } from '../image.js';
 import type { Storage } from '../io/storage.js';
 import { writeZeroBytes } from '../io/zero.js';
+import { settleAll } from '../async.js';
 import { UsageError } from '../errors.js';
 import { WriteThrottle } from './throttle.js';
 import { copyRange, type CopyRangeTarget } from './copy-range.js';
@@ -799,12 +800,6 @@ async function copyChunk(parts: SourcePart[], chunk: Chunk, target: CopyRangeTar
     pos += n;
   }
   return true;
-}
-
-/** Waits for every operation (buf is free for reuse only then), then throws the first failure. */
-async function settleAll(ops: Promise<void>[]): Promise<void> {
-  const rs = await Promise.allSettled(ops);
-  for (const r of rs) if (r.status === 'rejected') throw r.reason;
 }
 
 /**

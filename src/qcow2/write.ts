@@ -8,6 +8,7 @@
 
 import type { Storage } from '../io/storage.js';
 import type { WriteIo } from '../image.js';
+import { settleAll } from '../async.js';
 import { QimgError, UnsupportedError, UsageError } from '../errors.js';
 import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header-write.js';
@@ -36,11 +37,6 @@ const INT_MAX = 2 ** 31 - 1;
 const REQUEST_MAX_BYTES = Math.floor(INT_MAX / 512) * 512 - 4096 + 512;
 
 export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
-
-/** An optional storage capability: reserve space without writing (fallocate mode 0). */
-interface AllocatingStorage extends Storage {
-  allocate?(offset: number, length: number): Promise<void>;
-}
 
 /** What the generic layer gives a write (its own read for copy-on-write, the chain's zero status): src/image.ts. */
 export type { WriteIo };
@@ -71,12 +67,6 @@ interface Inflight {
   start: number;
   end: number;
   settled: Promise<void>;
-}
-
-/** Waits for every promise (none left running), then throws the first failure. */
-async function settleAll(ps: Promise<void>[]): Promise<void> {
-  const rs = await Promise.allSettled(ps);
-  for (const r of rs) if (r.status === 'rejected') throw r.reason;
 }
 
 export class Qcow2Writer {
@@ -967,31 +957,46 @@ export class Qcow2Writer {
     await this.writeRange(c * cs + a, new Uint8Array(b - a), io);
   }
 
-  /** QEMU's zero_in_l2_slice for n clusters from c (one L2 table): zero flag, unmapping with mayUnmap (and always for compressed). */
-  private async zeroClusters(c: number, n: number, mayUnmap: boolean): Promise<void> {
+  /**
+   * Rewrites the entries of n clusters from c (within one L2 table) to next(old, kind) and returns
+   * the ones that changed, with their old entries (what the caller may have to free).
+   */
+  private async rewriteEntries(
+    c: number, n: number, next: (old: Entry, kind: ClusterKind) => Entry,
+  ): Promise<{ cluster: number; old: Entry; kind: ClusterKind }[]> {
     const g = this.g;
     const l1Index = Math.floor(c / g.l2Entries);
     const { offset: l2Offset, table } = await this.ensureL2(l1Index);
-    let changed = false;
+    const changed: { cluster: number; old: Entry; kind: ClusterKind }[] = [];
     for (let k = 0; k < n; k++) {
       const idx = c + k - l1Index * g.l2Entries;
       const old = this.readEntry(table, idx);
       const kind = clusterKind(g, old.hi, old.lo);
-      const allocated = kind === ClusterKind.Normal || kind === ClusterKind.Compressed || kind === ClusterKind.ZeroAlloc;
-      const unmap = kind === ClusterKind.Compressed || (mayUnmap && allocated);
-      const next: Entry = unmap ? { hi: 0, lo: 0, bHi: 0, bLo: 0 } : { ...old };
+      const e = next(old, kind);
+      if (e.hi === old.hi && e.lo === old.lo && e.bHi === old.bHi && e.bLo === old.bLo) continue;
+      this.writeEntry(table, idx, e);
+      changed.push({ cluster: c + k, old, kind });
+    }
+    if (changed.length > 0) this.d.l2Cache.markDirty(l2Offset, table);
+    return changed;
+  }
+
+  /** QEMU's zero_in_l2_slice for n clusters from c (one L2 table): zero flag, unmapping with mayUnmap (and always for compressed). */
+  private async zeroClusters(c: number, n: number, mayUnmap: boolean): Promise<void> {
+    const g = this.g;
+    const unmaps = (kind: ClusterKind): boolean =>
+      kind === ClusterKind.Compressed || (mayUnmap && (kind === ClusterKind.Normal || kind === ClusterKind.ZeroAlloc));
+    const changed = await this.rewriteEntries(c, n, (old, kind) => {
+      const next: Entry = unmaps(kind) ? { hi: 0, lo: 0, bHi: 0, bLo: 0 } : { ...old };
       if (g.extendedL2) {
         next.bHi = ALL_ONES;
         next.bLo = 0;
       } else {
         next.lo = (next.lo | 1) >>> 0;
       }
-      if (next.hi === old.hi && next.lo === old.lo && next.bHi === old.bHi && next.bLo === old.bLo) continue;
-      this.writeEntry(table, idx, next);
-      changed = true;
-      if (unmap) this.freeAny(old);
-    }
-    if (changed) this.d.l2Cache.markDirty(l2Offset, table);
+      return next;
+    });
+    for (const { old, kind } of changed) if (unmaps(kind)) this.freeAny(old);
   }
 
   /**
@@ -1000,32 +1005,29 @@ export class Qcow2Writer {
    */
   private async discardClusters(c: number, n: number, io: WriteIo, full: boolean): Promise<void> {
     const g = this.g;
-    const l1Index = Math.floor(c / g.l2Entries);
-    if (this.d.l1.l2Offset(l1Index) === 0 && (full || !io.hasBacking)) return; // nothing allocated, nothing to hide
-    const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+    const cs = this.cs;
+    if (this.d.l1.l2Offset(Math.floor(c / g.l2Entries)) === 0 && (full || !io.hasBacking)) return; // nothing allocated, nothing to hide
     const v3 = this.d.header.version >= 3;
-    let changed = false;
-    for (let k = 0; k < n; k++) {
-      const idx = c + k - l1Index * g.l2Entries;
-      const old = this.readEntry(table, idx);
-      const kind = clusterKind(g, old.hi, old.lo);
+    const changed = await this.rewriteEntries(c, n, (old, kind) => {
       const allocated = kind === ClusterKind.Normal || kind === ClusterKind.Compressed || kind === ClusterKind.ZeroAlloc;
-      let next: Entry = old;
-      if (full) next = { hi: 0, lo: 0, bHi: 0, bLo: 0 };
-      else if (io.hasBacking || allocated) {
-        if (g.extendedL2) next = { hi: 0, lo: 0, bHi: ALL_ONES, bLo: 0 };
-        else next = { hi: 0, lo: v3 ? 1 : 0, bHi: 0, bLo: 0 };
-      }
-      if (next.hi === old.hi && next.lo === old.lo && next.bHi === old.bHi && next.bLo === old.bLo) continue;
-      this.writeEntry(table, idx, next);
-      changed = true;
-      this.freeAny(old);
-      if (g.hasDataFile && kind === ClusterKind.Normal) {
-        const data = await this.d.dataFile();
-        if (data.discard) await data.discard((c + k) * this.cs, Math.min(this.cs, this.d.virtualSize - (c + k) * this.cs)).catch(() => undefined);
-      }
+      if (full) return { hi: 0, lo: 0, bHi: 0, bLo: 0 };
+      if (!io.hasBacking && !allocated) return old;
+      return g.extendedL2 ? { hi: 0, lo: 0, bHi: ALL_ONES, bLo: 0 } : { hi: 0, lo: v3 ? 1 : 0, bHi: 0, bLo: 0 };
+    });
+    for (const { old } of changed) this.freeAny(old);
+    // An external data file gives back the discarded clusters' space too, one discard per run.
+    const data = g.hasDataFile ? await this.d.dataFile() : null;
+    if (!data?.discard) return;
+    const runs: [number, number][] = [];
+    for (const { cluster, kind } of changed) {
+      if (kind !== ClusterKind.Normal) continue;
+      const from = cluster * cs;
+      const to = Math.min(from + cs, this.d.virtualSize);
+      const last = runs[runs.length - 1];
+      if (last && last[1] === from) last[1] = to;
+      else runs.push([from, to]);
     }
-    if (changed) this.d.l2Cache.markDirty(l2Offset, table);
+    for (const [from, to] of runs) await data.discard(from, to - from).catch(() => undefined);
   }
 }
 
@@ -1033,12 +1035,9 @@ export class Qcow2Writer {
 async function growFile(storage: Storage, length: number, mode: Preallocation): Promise<void> {
   const current = await storage.size();
   if (length <= current) return;
-  if (mode === 'falloc') {
-    const s = storage as AllocatingStorage;
-    if (s.allocate) {
-      await s.allocate(current, length - current);
-      return;
-    }
+  if (mode === 'falloc' && storage.allocate) {
+    await storage.allocate(current, length - current);
+    return;
   }
   if (mode === 'falloc' || mode === 'full') {
     for (let pos = current; pos < length; pos += 1 << 20) await storage.write(zeroBuffer(Math.min(1 << 20, length - pos)), pos);
