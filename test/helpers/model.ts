@@ -39,7 +39,7 @@ export async function openWritable(
   return image as unknown as WritableImage & Image;
 }
 
-/** mulberry32 (the same generator as test/helpers/qemu.ts's prng). */
+/** mulberry32: a small seeded PRNG (test/helpers/qemu.ts re-exports it; here because the crash child bundles this file without vitest). */
 export function prng(seed: number): () => number {
   let a = seed >>> 0;
   return () => {

@@ -11,6 +11,7 @@ import { afterAll } from 'vitest';
 import type { Image } from '../../src/image.js';
 import type { OpenImage, OpenImageOptions, OpenedImage } from '../../src/open.js';
 import * as openModule from '../../src/open.js';
+import { prng } from './model.js';
 
 export const MiB = 1024 * 1024;
 export const KiB = 1024;
@@ -164,6 +165,26 @@ export interface MapEntry {
   compressed?: boolean;
 }
 
+/**
+ * The layout in `qemu-img map --output=json` entries, as convert tests compare it: data /
+ * compressed / zero / unallocated runs with their depth, host offsets and host holes dropped
+ * (QEMU zeroes cluster tails with fallocate: a host-file detail, not the image layout), adjacent
+ * runs of one kind merged, from guest offset `from` on.
+ */
+export function mapLayout(all: MapEntry[], from = 0): string[] {
+  const runs: { start: number; length: number; kind: string }[] = [];
+  for (const e of all) {
+    if (e.start + e.length <= from) continue;
+    const start = Math.max(e.start, from);
+    const length = e.start + e.length - start;
+    const kind = `${!e.present ? 'unallocated' : e.data ? (e.offset === undefined ? 'compressed' : 'data') : 'zero'}@${e.depth}`;
+    const last = runs[runs.length - 1];
+    if (last && last.kind === kind && last.start + last.length === start) last.length += length;
+    else runs.push({ start, length, kind });
+  }
+  return runs.map((r) => `${r.start}+${r.length} ${r.kind}`);
+}
+
 /** `qemu-img map --output=json`. */
 export async function qemuMap(file: string, format?: 'qcow2' | 'raw'): Promise<MapEntry[]> {
   const args = ['map', '--output=json'];
@@ -212,17 +233,8 @@ export async function withImage<T>(
   }
 }
 
-/** mulberry32: a small seeded PRNG so random reads are reproducible. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** mulberry32: a small seeded PRNG so random reads are reproducible (in model.ts, which the crash child bundles without vitest). */
+export { prng };
 
 function hex(b: number | undefined): string {
   return b === undefined ? 'EOF' : `0x${b.toString(16).padStart(2, '0')}`;

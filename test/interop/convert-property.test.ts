@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { qemuImg, qemuImgOk, qemuIoOk, qimg, type RunResult } from '../cli/harness.js';
+import { mapLayout, type MapEntry } from '../helpers/qemu.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'qimg-convert-prop-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -127,27 +128,9 @@ function ioCmd(o: Op): string {
   }
 }
 
-interface MapEntry { start: number; length: number; depth: number; present: boolean; zero: boolean; data: boolean; offset?: number }
-
-/**
- * See convert.test.ts: data / compressed / zero / unallocated runs with depth, host offsets and
- * host holes dropped. From `from` on: raw targets are compared after their first 4 KiB, which
- * QEMU allocates when it creates a raw file (file-posix allocate_first_block) and qimg convert
- * does not (a difference convert.test.ts checks on its own).
- */
-function layout(all: MapEntry[], from = 0): string[] {
-  const runs: { start: number; length: number; kind: string }[] = [];
-  const entries = all
-    .filter((e) => e.start + e.length > from)
-    .map((e) => (e.start >= from ? e : { ...e, start: from, length: e.start + e.length - from }));
-  for (const e of entries) {
-    const kind = `${!e.present ? 'unallocated' : e.data ? (e.offset === undefined ? 'compressed' : 'data') : 'zero'}@${e.depth}`;
-    const last = runs[runs.length - 1];
-    if (last && last.kind === kind && last.start + last.length === e.start) last.length += e.length;
-    else runs.push({ start: e.start, length: e.length, kind });
-  }
-  return runs.map((r) => `${r.start}+${r.length} ${r.kind}`);
-}
+// Raw targets are compared after their first 4 KiB, which QEMU allocates when it creates a raw
+// file (file-posix allocate_first_block) and qimg convert does not (convert.test.ts checks that
+// difference on its own).
 
 const show = (cmd: string, args: string[], r: RunResult): string => `${cmd} ${args.join(' ')} exited ${r.code}\n${r.stderr}${r.stdout}`;
 
@@ -198,7 +181,7 @@ async function check(p: Params): Promise<void> {
   expect({ code: cmp.code, out: cmp.stdout.trim() }, `${what}\n${show('qemu-img', ['compare', ours, src], cmp)}`).toEqual({ code: 0, out: 'Images are identical.' });
 
   const map = async (f: string): Promise<string[]> =>
-    layout(JSON.parse((await qemuImgOk(['map', '--output=json', '-f', t.format, f], dir)).stdout) as MapEntry[], t.format === 'raw' ? 4096 : 0);
+    mapLayout(JSON.parse((await qemuImgOk(['map', '--output=json', '-f', t.format, f], dir)).stdout) as MapEntry[], t.format === 'raw' ? 4096 : 0);
   expect(await map(ours), `layout: ${what}`).toEqual(await map(theirs));
   if (t.format === 'qcow2') {
     const info = async (f: string): Promise<unknown> => {

@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { qemuImg, qemuImgOk, qemuIoOk, qimg, type RunResult } from '../cli/harness.js';
+import { mapLayout, type MapEntry } from '../helpers/qemu.js';
 
 const MiB = 1024 * 1024;
 const dir = mkdtempSync(join(tmpdir(), 'qimg-convert-'));
@@ -111,37 +112,9 @@ async function qimgOk(args: string[]): Promise<void> {
   if (r.code !== 0) throw new Error(show('qimg', args, r));
 }
 
-interface MapEntry {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
-
-/**
- * The image-level layout of `qemu-img map --output=json`: runs of data (with a host offset),
- * compressed data (data without an offset), zero (zero clusters / holes) and unallocated, with
- * their depth. The "zero" flag of data runs is dropped: it only says the host file has a hole or
- * a zeroed extent under an allocated cluster (QEMU zeroes cluster tails with fallocate), which is
- * a host-file detail, not the image layout. Adjacent runs of one kind are merged.
- */
-function layout(entries: MapEntry[]): string[] {
-  const runs: { start: number; length: number; kind: string }[] = [];
-  for (const e of entries) {
-    const kind = `${!e.present ? 'unallocated' : e.data ? (e.offset === undefined ? 'compressed' : 'data') : 'zero'}@${e.depth}`;
-    const last = runs[runs.length - 1];
-    if (last && last.kind === kind && last.start + last.length === e.start) last.length += e.length;
-    else runs.push({ start: e.start, length: e.length, kind });
-  }
-  return runs.map((r) => `${r.start}+${r.length} ${r.kind}`);
-}
-
 async function mapOf(file: string, fmt: string): Promise<string[]> {
   const r = await qemuImgOk(['map', '--output=json', '-f', fmt, file], dir);
-  return layout(JSON.parse(r.stdout) as MapEntry[]);
+  return mapLayout(JSON.parse(r.stdout) as MapEntry[]);
 }
 
 async function infoOf(file: string, fmt: string): Promise<Record<string, unknown>> {

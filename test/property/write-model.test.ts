@@ -10,6 +10,7 @@
 //
 // QIMG_PROP_SEED=<n> replays a run; QIMG_WRITE_RUNS=<factor> scales the number of runs.
 
+import { settleAll } from '../../src/async.js';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -247,12 +248,8 @@ async function property(p: Params, rawOps: DiskOp[]): Promise<void> {
     const model = new Uint8Array(await referenceRaw(b.file, { format: 'qcow2' }));
     image = await openEngine(b.file, b.runDir);
     // Concurrent: issued in order, settled together (every one awaited, the first failure thrown).
-    let inFlight: Promise<void>[] = [];
-    const settle = async (): Promise<void> => {
-      const rs = await Promise.allSettled(inFlight);
-      inFlight = [];
-      for (const r of rs) if (r.status === 'rejected') throw r.reason;
-    };
+    const inFlight: Promise<void>[] = [];
+    const settle = (): Promise<void> => settleAll(inFlight.splice(0));
     for (const op of ops) {
       if (op.k === 'reopen') {
         await settle();
