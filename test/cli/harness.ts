@@ -2,13 +2,8 @@
 // the real qemu-img on the same files.
 
 import { execFile } from 'node:child_process';
-import { mkdirSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { afterAll } from 'vitest';
-import { build } from 'esbuild';
+import { ROOT, bundleForTest } from '../helpers/bundle.js';
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 
 export interface RunResult {
   code: number;
@@ -24,25 +19,7 @@ let built: Promise<string> | undefined;
  * process gets its own directory, so parallel test files never race on one output.
  */
 export function cliPath(): Promise<string> {
-  built ??= (async () => {
-    const outdir = join(ROOT, 'node_modules', '.cache', `qimg-cli-test-${process.pid}`);
-    mkdirSync(outdir, { recursive: true });
-    afterAll(() => rmSync(outdir, { recursive: true, force: true }));
-    await build({
-      entryPoints: {
-        cli: join(ROOT, 'src/cli/main.ts'),
-        'zstd-worker': join(ROOT, 'src/qcow2/zstd-worker.ts'),
-      },
-      outdir,
-      bundle: true,
-      format: 'esm',
-      platform: 'node',
-      target: 'node20',
-      packages: 'external',
-      logLevel: 'error',
-    });
-    return join(outdir, 'cli.js');
-  })();
+  built ??= bundleForTest('cli', 'src/cli/main.ts', 'cli-test');
   return built;
 }
 

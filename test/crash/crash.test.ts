@@ -11,20 +11,18 @@
 // QIMG_CRASH_SEED=<n> replays the random choices (kill delays, writer seeds).
 
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { build } from 'esbuild';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { KiB, MiB, qemuImg, referenceRaw, run, tmpDir, withImage } from '../helpers/qemu.js';
 import {
   type DiskOp, type DiskShape, applyOp, describeDiff, describeOp, discardedRange, firstDiff, isRefcountOnlyError,
   openWritable, parseCheck, patternBytes, prng,
 } from '../helpers/model.js';
 import { firstOps } from './ops.js';
+import { ROOT, bundleForTest } from '../helpers/bundle.js';
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const dir = tmpDir('qimg-crash-');
 
 /** qimg rebuilds refcounts of a dirty lazy-refcounts image on writable open once src/qcow2/check.ts exists. */
@@ -32,25 +30,8 @@ const REPAIR_LANDED = existsSync(join(ROOT, 'src/qcow2/check.ts'));
 
 let writerJs: string;
 beforeAll(async () => {
-  // Under node_modules/.cache so the bundle's package imports resolve; one directory per process.
-  const outdir = join(ROOT, 'node_modules', '.cache', `qimg-crash-writer-${process.pid}`);
-  mkdirSync(outdir, { recursive: true });
-  await build({
-    entryPoints: {
-      writer: join(ROOT, 'test/crash/writer.ts'),
-      'zstd-worker': join(ROOT, 'src/qcow2/zstd-worker.ts'),
-    },
-    outdir,
-    bundle: true,
-    format: 'esm',
-    platform: 'node',
-    target: 'node20',
-    packages: 'external',
-    logLevel: 'error',
-  });
-  writerJs = join(outdir, 'writer.js');
+  writerJs = await bundleForTest('writer', 'test/crash/writer.ts', 'crash-writer');
 });
-afterAll(() => rmSync(join(ROOT, 'node_modules', '.cache', `qimg-crash-writer-${process.pid}`), { recursive: true, force: true }));
 
 /** QIMG_CRASH_ENGINE=qemu-io: the writer drives qemu-io instead of qimg (checks this test against QEMU). */
 const ENGINE = process.env.QIMG_CRASH_ENGINE === 'qemu-io' ? 'qemu-io' : 'qimg';
