@@ -135,10 +135,7 @@ export class Qcow2Writer {
    * and tracks it until it finishes.
    */
   private async issue(storage: Storage, buf: Uint8Array | Uint8Array[], host: number): Promise<{ done: Promise<void> }> {
-    let length = 0;
-    if (Array.isArray(buf)) for (const b of buf) length += b.length;
-    else length = buf.length;
-    const end = host + length;
+    const end = host + byteLength(buf);
     for (const w of this.inflight) if (w.start < end && host < w.end) await w.settled;
     const p = Array.isArray(buf) ? storage.writev!(buf, host) : storage.write(buf, host);
     const w: Inflight = {
@@ -754,7 +751,7 @@ export class Qcow2Writer {
   private async writeData(plans: ClusterPlan[], offset: number, data: Uint8Array, io: WriteIo): Promise<Promise<void>[]> {
     const cs = this.cs;
     const storage = await this.d.dataFile();
-    const out: { buf: Uint8Array; host: number; fresh: boolean }[] = [];
+    const out: { buf: Uint8Array | Uint8Array[]; host: number; fresh: boolean }[] = [];
     const reads: (() => Promise<void>)[] = [];
     let i = 0;
     while (i < plans.length) {
@@ -767,19 +764,41 @@ export class Qcow2Writer {
       const guestStart = head.cluster * cs + head.ws;
       const length = (tail.cluster - head.cluster) * cs + tail.we - head.ws;
       const fresh = run.some((p) => !p.inPlace);
-      if (run.every((p) => p.ws === p.a && p.we === p.b)) {
-        out.push({ buf: data.subarray(guestStart - offset, guestStart - offset + length), host: hostStart, fresh });
-      } else {
+      // The run's bytes: the caller's data as views, and only the copy-on-write pieces (and any
+      // tail past the image's end) in buffers of their own, so that a write covering whole
+      // clusters but for its ends (a convert request not cluster-aligned, say) copies nothing.
+      const parts: Uint8Array[] = [];
+      const add = (b: Uint8Array): void => {
+        const last = parts[parts.length - 1];
+        if (last && last.buffer === b.buffer && last.byteOffset + last.length === b.byteOffset) {
+          parts[parts.length - 1] = new Uint8Array(b.buffer, last.byteOffset, last.length + b.length);
+        } else parts.push(b);
+      };
+      for (const p of run) {
+        const vEnd = Math.min(cs, this.d.virtualSize - p.cluster * cs);
+        // Copy-on-write: what the guest reads there now (old data, backing file, zeros, decompressed).
+        if (p.ws < p.a) {
+          const cow = new Uint8Array(p.a - p.ws);
+          reads.push(() => io.readGuest(cow, p.cluster * cs + p.ws));
+          add(cow);
+        }
+        const from = p.cluster * cs + p.a - offset;
+        add(data.subarray(from, from + p.b - p.a));
+        const tailEnd = Math.min(p.we, vEnd);
+        if (p.b < p.we) {
+          const cow = new Uint8Array(p.we - p.b);
+          if (p.b < tailEnd) reads.push(() => io.readGuest(cow.subarray(0, tailEnd - p.b), p.cluster * cs + p.b));
+          add(cow);
+        }
+      }
+      if (parts.length === 1) out.push({ buf: parts[0]!, host: hostStart, fresh });
+      else if (storage.writev) out.push({ buf: parts, host: hostStart, fresh });
+      else {
         const buf = new Uint8Array(length);
-        for (const p of run) {
-          const base = p.cluster * cs - guestStart;
-          const vEnd = Math.min(cs, this.d.virtualSize - p.cluster * cs);
-          // Copy-on-write: what the guest reads there now (old data, backing file, zeros, decompressed).
-          if (p.ws < p.a) reads.push(() => io.readGuest(buf.subarray(base + p.ws, base + p.a), p.cluster * cs + p.ws));
-          const tailEnd = Math.min(p.we, vEnd);
-          if (p.b < tailEnd) reads.push(() => io.readGuest(buf.subarray(base + p.b, base + tailEnd), p.cluster * cs + p.b));
-          const from = p.cluster * cs + p.a - offset;
-          buf.set(data.subarray(from, from + p.b - p.a), base + p.a);
+        let at = 0;
+        for (const b of parts) {
+          buf.set(b, at);
+          at += b.length;
         }
         out.push({ buf, host: hostStart, fresh });
       }
@@ -794,7 +813,7 @@ export class Qcow2Writer {
     const issued: Promise<void>[] = [];
     for (const w of out) {
       // New clusters: reserve the host range first (see Storage.reserveHint; QEMU does the same).
-      if (w.fresh) storage.reserveHint?.(w.host, w.buf.length);
+      if (w.fresh) storage.reserveHint?.(w.host, byteLength(w.buf));
       issued.push((await this.issue(storage, w.buf, w.host)).done);
     }
     return issued;
@@ -1050,4 +1069,11 @@ async function growFile(storage: Storage, length: number, mode: Preallocation): 
 export function rangeMask(s0: number, s1: number): number {
   if (s1 - s0 >= 32) return ALL_ONES;
   return (((1 << (s1 - s0)) - 1) << s0) >>> 0;
+}
+
+function byteLength(buf: Uint8Array | Uint8Array[]): number {
+  if (!Array.isArray(buf)) return buf.length;
+  let n = 0;
+  for (const b of buf) n += b.length;
+  return n;
 }
