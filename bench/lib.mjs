@@ -21,9 +21,9 @@ export const log = (...a) => console.error('[bench]', ...a);
 
 /** The built CLI to time (`--cli` picks another build); exits when it is missing. */
 export function requireCli() {
-  const cli = path.resolve(opt('cli', path.join(root, 'dist', 'cli.js')));
+  const cli = path.resolve(opt('cli', path.join(root, 'dist', 'cli.cjs')));
   if (!existsSync(cli)) {
-    console.error('dist/cli.js is missing: run `npm run build` first');
+    console.error('dist/cli.cjs is missing: run `npm run build` first');
     process.exit(1);
   }
   return cli;

@@ -1,10 +1,10 @@
 // Read-engine benchmark: qimg vs qemu-img on the same images in the same run.
 //
-//   npm run build && node bench/read.mjs [--runs 5] [--data-mb 1200] [--only qcow2,zlib,zstd,raw] [--cli dist/cli.js]
+//   npm run build && node bench/read.mjs [--runs 5] [--data-mb 1200] [--only qcow2,zlib,zstd,raw] [--cli dist/cli.cjs]
 //
 // Builds once (cached under bench/out/) a 2 GiB ext4 file system image filled from real files
 // (/usr/lib, /usr/share, /usr/bin, about 1.2 GB) with `mke2fs -t ext4 -d`, then qcow2 copies made
-// by qemu-img (plain, -c zlib, -c zstd). Each image is converted to raw by `node dist/cli.js
+// by qemu-img (plain, -c zlib, -c zstd). Each image is converted to raw by `node dist/cli.cjs
 // convert -O raw` and by `qemu-img convert -O raw`, alternating, runs times each after one warm-up
 // each, under /usr/bin/time -v (wall time and peak RSS). Also times an in-process whole-disk read
 // through the library (dist/index.js). Prints a table with ratios and writes

@@ -1,7 +1,5 @@
-// qimg: qemu-img's command line over the qimg library. `node dist/cli.js <command> [options]`.
+// qimg: qemu-img's command line over the qimg library. Run by bin.ts (`node dist/cli.cjs <command> [options]`).
 
-import { realpathSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import packageJson from '../../package.json';
@@ -104,16 +102,6 @@ class BufferedOutput implements CliOutput {
   }
 }
 
-function isEntryPoint(): boolean {
-  const script = process.argv[1];
-  if (!script) return false;
-  try {
-    return realpathSync(script) === realpathSync(fileURLToPath(import.meta.url));
-  } catch {
-    return false;
-  }
-}
-
 /**
  * Young-generation collections when dead buffers pile up, for the CLI process. Streaming an image
  * allocates a few small ArrayBuffers per cluster (compressed outputs, zlib streams) and little else
@@ -171,9 +159,12 @@ const V8_11_INTERRUPT_BUDGET = 67_584;
 const OPTIMIZE_AFTER_MS = 400;
 
 async function run(): Promise<void> {
-  deferOptimization();
-  // Only commands that run long need it; a quick one exits before this (it costs ~1.5 ms to set up).
-  setTimeout(startScavenging, 100).unref();
+  // Both change V8 flags, which a code cache records: not while making the launcher's (see launch.ts).
+  if (!process.env.QIMG_CODE_CACHE_WRITE) {
+    deferOptimization();
+    // Only commands that run long need it; a quick one exits before this (it costs ~1.5 ms to set up).
+    setTimeout(startScavenging, 100).unref();
+  }
   const stdout = new BufferedOutput(process.stdout);
   const stderr = new BufferedOutput(process.stderr);
   // A closed pipe on stdout (qimg map | head) ends quietly, as qemu-img ignores SIGPIPE and exits.
@@ -207,7 +198,8 @@ async function run(): Promise<void> {
   process.exit(code);
 }
 
-if (isEntryPoint()) {
+/** Runs the command line of this process (process.argv) and exits with its status. */
+export function runCli(): void {
   process.on('uncaughtException', (e) => {
     process.stderr.write(`${PROGRAM}: ${e instanceof Error ? e.message : String(e)}\n`);
     process.exit(1);

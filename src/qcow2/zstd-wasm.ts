@@ -17,8 +17,11 @@ let zstdWasm: typeof ZstdWasmModule | undefined;
 
 /** Instantiates the WebAssembly module once per thread. */
 export function loadZstdWasm(): Promise<void> {
-  loading ??= import('@bokuweb/zstd-wasm')
-    .then(async (mod) => {
+  // require, not import(): the package is CommonJS either way (its "main"), and the CLI bundle
+  // runs as a vm.Script (src/cli/launch.ts) where import() would need an experimental loader.
+  loading ??= Promise.resolve()
+    .then(async () => {
+      const mod = packageRequire()('@bokuweb/zstd-wasm') as typeof ZstdWasmModule;
       await mod.init();
       zstdWasm = mod;
     })
@@ -27,6 +30,12 @@ export function loadZstdWasm(): Promise<void> {
       throw err;
     });
   return loading;
+}
+
+/** require for this module's packages: createRequire in ESM, CommonJS's own in the CJS bundles. */
+function packageRequire(): NodeJS.Require {
+  const url = (import.meta as { url?: string }).url;
+  return typeof url === 'string' && url !== '' ? createRequire(url) : require;
 }
 
 function loaded(): typeof ZstdWasmModule {
@@ -152,8 +161,7 @@ function emscriptenModule(): EmscriptenZstd | null {
   if (emscripten === undefined) {
     emscripten = null;
     try {
-      const url = (import.meta as { url?: string }).url;
-      const req = typeof url === 'string' && url !== '' ? createRequire(url) : require;
+      const req = packageRequire();
       const main = req.resolve('@bokuweb/zstd-wasm');
       const m = (req(path.join(path.dirname(main), 'module.js')) as { Module?: EmscriptenZstd }).Module;
       if (m && m.HEAPU8 instanceof Uint8Array && typeof m._malloc === 'function' && typeof m._ZSTD_compress_usingDict === 'function') {

@@ -2,7 +2,7 @@
 // workerData { engine: 'native' | 'wasm' } it compresses batches from shared buffers
 // (ZstdBatchPool) with the system libzstd (synchronous koffi calls) or the WebAssembly build,
 // one reused context either way; without it, it serves ZstdWorkerPool's single requests.
-// Built by tsup to dist/zstd-worker.js, next to index.js/index.cjs/cli.js.
+// Built by tsup to dist/zstd-worker.js, next to index.js/index.cjs/cli-main.cjs.
 
 import { parentPort, workerData } from 'node:worker_threads';
 import { loadZstdWasm, zstdCompressSync, zstdCompressInto, zstdDecompressSync } from './zstd-wasm.js';

@@ -19,7 +19,7 @@ let built: Promise<string> | undefined;
  * process gets its own directory, so parallel test files never race on one output.
  */
 export function cliPath(): Promise<string> {
-  built ??= bundleForTest('cli', 'src/cli/main.ts', 'cli-test');
+  built ??= bundleForTest('cli', 'src/cli/bin.ts', 'cli-test');
   return built;
 }
 
