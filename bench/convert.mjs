@@ -1,16 +1,16 @@
 // Convert benchmark: qimg convert vs qemu-img convert, side by side in the same run.
 //
-//   npm run build && node bench/convert.mjs [--runs 5] [--only raw-qcow2,qcow2-raw,...] [--cli dist/cli.js]
+//   npm run build && node bench/convert.mjs [--runs 5] [--only raw-qcow2,qcow2-raw,...] [--cli dist/cli.cjs]
 //                                           [--verify all|first] [--markdown] [--out results-convert.json]
 //
 // Uses bench/read.mjs's cached 2 GiB ext4 image (bench/out/ext4-2g.raw: real files from /usr put
 // in with `mke2fs -t ext4 -d`) and its qcow2 / zlib / zstd copies made by qemu-img, building them
 // the same way when missing; plus a 1 TiB qcow2 with a few MiB written by qemu-io (for peak RSS).
-// Each case runs qimg (`node dist/cli.js convert ...`) and qemu-img with the same arguments, one
+// Each case runs qimg (`node dist/cli.cjs convert ...`) and qemu-img with the same arguments, one
 // warm-up each, then --runs alternating runs each under /usr/bin/time -v (wall time, user+sys CPU,
-// peak RSS). The target is removed before every run of either tool. Every output is checked with
-// `qemu-img compare` against the source, outside the timed part (--verify first: only the warm-up
-// outputs). When qimg fails a case (a feature not there yet) the case is recorded as pending with
+// peak RSS). Before every run of either tool the target is removed and the file systems synced
+// (outside the timed part). Every output is checked with `qemu-img compare` against the source,
+// outside the timed part too (--verify first: only the warm-up outputs). When qimg fails a case (a feature not there yet) the case is recorded as pending with
 // qimg's error, and qemu-img's times are still measured. Prints a table with ratios qimg/qemu-img
 // and the targets (uncompressed within 1.5x, compressed writing at most 0.5x, compressed reading
 // within 1.2x, qimg peak RSS < 100 MiB), writes bench/out/results-convert.json. Never part of the
@@ -86,6 +86,9 @@ function benchCase(c) {
   const pending = {};
   const runOnce = (t, record) => {
     rmSync(target, { force: true });
+    // The previous run's 1.2 GB of dirty pages would otherwise be written back during this one,
+    // taking CPU from whichever tool runs next.
+    spawnSync('sync');
     const r = tools[t]();
     if (r.error) {
       pending[t] = r.error;
