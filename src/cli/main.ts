@@ -1,6 +1,7 @@
 // qimg: qemu-img's command line over the qimg library. Run by bin.ts (`node dist/cli.cjs <command> [options]`).
 
 import { setFlagsFromString } from 'node:v8';
+import { availableParallelism } from 'node:os';
 import { runInNewContext } from 'node:vm';
 import packageJson from '../../package.json';
 import { getopt, type OptionSpec } from './getopt.js';
@@ -198,8 +199,25 @@ async function run(): Promise<void> {
   process.exit(code);
 }
 
+/**
+ * libuv's thread pool (file I/O, zlib, native zstd decoding) as large as the machine has cores,
+ * unless UV_THREADPOOL_SIZE says otherwise; at least 2 (the default is 4 whatever the machine).
+ * More threads than cores made writes to one file spin on its inode lock: on 2 cores, qcow2 -> raw
+ * of the 2 GiB bench image took 1.1-1.9 s (1.7-2.7 s system time) in half the runs with 4 threads,
+ * 0.32-0.34 s in every run with 2; zlib and zstd reading 30-40% faster. Must run before the pool's
+ * first use.
+ */
+function sizeThreadPool(): void {
+  if (process.env.UV_THREADPOOL_SIZE) return;
+  process.env.UV_THREADPOOL_SIZE = String(Math.min(Math.max(availableParallelism(), 2), MAX_POOL_THREADS));
+}
+
+/** libuv's own limit is 1024; more than this many cores gain nothing here. */
+const MAX_POOL_THREADS = 64;
+
 /** Runs the command line of this process (process.argv) and exits with its status. */
 export function runCli(): void {
+  sizeThreadPool();
   process.on('uncaughtException', (e) => {
     process.stderr.write(`${PROGRAM}: ${e instanceof Error ? e.message : String(e)}\n`);
     process.exit(1);
