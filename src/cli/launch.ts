@@ -56,7 +56,13 @@ export function launch(bundle: string, cacheFile: string): void {
   const script = new vm.Script(wrapped, { filename: bundle, cachedData });
   if (process.env.QIMG_CODE_CACHE_WRITE) {
     // Made at exit: it then holds every function this run compiled (and those the cache gave).
-    process.once('exit', () => writeFileSync(cacheFile, Buffer.concat([header, script.createCachedData()])));
+    process.once('exit', () => {
+      try {
+        writeFileSync(cacheFile, Buffer.concat([header, script.createCachedData()]));
+      } catch (e) {
+        process.stderr.write(`qimg: could not write the code cache ${cacheFile}: ${e instanceof Error ? e.message : String(e)}\n`);
+      }
+    });
   }
   if (process.env.QIMG_CODE_CACHE_DEBUG) {
     process.stderr.write(`qimg: code cache ${cachedData ? (script.cachedDataRejected ? 'rejected' : 'used') : 'absent'}\n`);
