@@ -25,8 +25,11 @@ export interface NativeFileOps {
   punchHole(fd: number, offset: number, length: number): number;
   /** Reserves [offset, offset+length) (fallocate mode 0: extends the file, keeps data); 0 or -errno. */
   allocate(fd: number, offset: number, length: number): number;
-  /** Reserves blocks for [offset, offset+length) without changing the file size (FALLOC_FL_KEEP_SIZE); 0 or -errno. */
-  reserve(fd: number, offset: number, length: number): number;
+  /**
+   * Reserves blocks for [offset, offset+length) without changing the file size (FALLOC_FL_KEEP_SIZE),
+   * on the libuv thread pool; `done` gets 0, or a negative number on failure (errno not kept).
+   */
+  reserveAsync(fd: number, offset: number, length: number, done: (result: number) => void): void;
   /** Copies up to `length` bytes in the kernel; bytes copied or -errno. */
   copyFileRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
 }
@@ -53,8 +56,14 @@ function toNumber(v: unknown): number {
   return typeof v === 'bigint' ? Number(v) : (v as number);
 }
 
+/** A koffi function: called directly, or on the libuv thread pool with `.async(...args, callback)`. */
+interface KoffiFunction {
+  (...args: unknown[]): unknown;
+  async(...args: unknown[]): void;
+}
+
 interface KoffiLike {
-  load(path: string | null): { func(definition: string): (...args: unknown[]) => unknown };
+  load(path: string | null): { func(definition: string): KoffiFunction };
   errno(): number;
 }
 
@@ -105,9 +114,10 @@ function tryLoad(): NativeFileOps | null {
         const r = toNumber(fallocate(fd, 0, offset, length));
         return r < 0 ? -koffi.errno() : 0;
       },
-      reserve: (fd, offset, length) => {
-        const r = toNumber(fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length));
-        return r < 0 ? -koffi.errno() : 0;
+      reserveAsync: (fd, offset, length, done) => {
+        fallocate.async(fd, FALLOC_FL_KEEP_SIZE, offset, length, (err: unknown, r: unknown) => {
+          done(err ? -1 : toNumber(r) < 0 ? -1 : 0);
+        });
       },
       copyFileRange: (fdIn, offIn, fdOut, offOut, length) => {
         if (!copyFileRange) return -38; // ENOSYS
