@@ -265,15 +265,23 @@ const DEFAULT_MODE: PlannerMode = { targetHasBacking: false, targetBackingSector
 /**
  * Sector runs of a buffer as qemu-img's sparse detection sees them: returns whether the run at
  * the start holds data and how many sectors it spans. Run ends are moved to `alignment`
- * boundaries (data rounded up, zeros rounded down) so writes stay aligned.
+ * boundaries (data rounded up, zeros rounded down) so writes stay aligned. `words` views the
+ * buffer (see sectorWords); the scans are plain loops over it, cheap before V8 optimizes them.
  */
 function classifyRun(
-  isZeroSector: (i: number) => boolean, first: number, n: number, sectorNum: number, alignment: number,
+  words: Uint32Array, first: number, n: number, sectorNum: number, alignment: number,
 ): { data: boolean; count: number } {
   if (n <= 0) return { data: false, count: 0 };
-  let zero = isZeroSector(first);
+  let zero = isZeroSector(words, first);
   let i = 1;
-  while (i < n && isZeroSector(first + i) === zero) i++;
+  if (zero) {
+    while (i < n && isZeroSector(words, first + i)) i++;
+  } else {
+    // Most data sectors have a nonzero first word: only the others are looked at in full.
+    for (let w = (first + i) * SECTOR_WORDS; i < n; i++, w += SECTOR_WORDS) {
+      if (words[w] === 0 && isZeroSector(words, first + i)) break;
+    }
+  }
   if (i === n) return { data: !zero, count: i };
   const tail = (sectorNum + i) % alignment;
   if (tail) {
@@ -287,15 +295,15 @@ function classifyRun(
 
 /** Like classifyRun, but a data run swallows following zero runs shorter than `min` sectors. */
 function classifyRunMin(
-  isZeroSector: (i: number) => boolean, first: number, n: number, min: number, sectorNum: number, alignment: number,
+  words: Uint32Array, first: number, n: number, min: number, sectorNum: number, alignment: number,
 ): { data: boolean; count: number } {
   if (n < min) min = n;
-  const head = classifyRun(isZeroSector, first, n, sectorNum, alignment);
+  const head = classifyRun(words, first, n, sectorNum, alignment);
   if (!head.data) return head;
   let used = head.count;
   let checked = head.count;
   while (checked < n) {
-    const run = classifyRun(isZeroSector, first + checked, n - checked, sectorNum + checked, alignment);
+    const run = classifyRun(words, first + checked, n - checked, sectorNum + checked, alignment);
     checked += run.count;
     if (run.data) used = checked;
     else if (run.count >= min) break;
@@ -462,13 +470,24 @@ async function runCopy(
   if (signal?.aborted) throw new ConvertAbortedError();
 }
 
-/** A view of a buffer's sectors for the sparse detection. */
-function zeroSectorTest(buf: Uint8Array): (i: number) => boolean {
-  const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
-  return (i: number): boolean => {
-    for (let w = i * (SECTOR / 4), end = w + SECTOR / 4; w < end; w++) if (words[w] !== 0) return false;
-    return true;
-  };
+/** Sectors [from, to) of a request's buffer, holding data or zeros. */
+interface SectorRun {
+  data: boolean;
+  from: number;
+  to: number;
+}
+
+/** 32-bit words in a sector. */
+const SECTOR_WORDS = SECTOR / 4;
+
+/** A buffer's words for the sparse detection (buffers are allocated whole, so 4-byte aligned). */
+function sectorWords(buf: Uint8Array): Uint32Array {
+  return new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
+}
+
+function isZeroSector(words: Uint32Array, sector: number): boolean {
+  for (let w = sector * SECTOR_WORDS, end = w + SECTOR_WORDS; w < end; w++) if (words[w] !== 0) return false;
+  return true;
 }
 
 function isZero(buf: Uint8Array): boolean {
@@ -520,7 +539,7 @@ async function convertToStorage(source: Image | Image[], storage: Storage, optio
     else await writeZeroBytes((b, o) => target.write(b, o), offset, length);
   };
 
-  const tests = new WeakMap<Uint8Array, (i: number) => boolean>();
+  const views = new WeakMap<Uint8Array, Uint32Array>();
   const salvage = salvageHooks(options);
   let offload = options.copyRange ?? false;
   const copyTarget: CopyRangeTarget = {
@@ -532,8 +551,8 @@ async function convertToStorage(source: Image | Image[], storage: Storage, optio
     },
   };
   await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData, DEFAULT_MODE, salvage), zeroAsData, async (chunk, _index, buf) => {
-    let isZeroSector = tests.get(buf);
-    if (!isZeroSector) tests.set(buf, (isZeroSector = zeroSectorTest(buf)));
+    let words = views.get(buf);
+    if (!words) views.set(buf, (words = sectorWords(buf)));
     const { sector, sectors } = chunk;
     if (offload && chunk.status === 'data') {
       if (await copyChunk(parts, chunk, copyTarget)) return;
@@ -550,7 +569,7 @@ async function convertToStorage(source: Image | Image[], storage: Storage, optio
       return;
     }
     for (let i = 0; i < sectors; ) {
-      const run = classifyRunMin(isZeroSector, i, sectors - i, minSparseSectors, sector + i, alignment);
+      const run = classifyRunMin(words, i, sectors - i, minSparseSectors, sector + i, alignment);
       const offset = (sector + i) * SECTOR;
       if (run.data) await target.write(buf.subarray(i * SECTOR, (i + run.count) * SECTOR), offset);
       else await zeroRange(offset, run.count * SECTOR);
@@ -652,22 +671,17 @@ async function convertToImage(source: Image | Image[], image: Image, options: Co
     written.clear();
   };
 
-  const tests = new WeakMap<Uint8Array, (i: number) => boolean>();
+  const views = new WeakMap<Uint8Array, Uint32Array>();
   /**
-   * Issues the chunk's writes (all of them before returning: the target queues them in call
-   * order, which is what keeps guest order) and returns them to be awaited before buf is reused.
+   * The data and zero runs of a data chunk read into buf (sparse detection), to be written by
+   * writeChunk. Worked out before the chunk's turn to write comes, so that the writes go out
+   * as soon as it does.
    */
-  const writeChunk = (chunk: Chunk, buf: Uint8Array, isZeroSector: (i: number) => boolean): Promise<void>[] => {
-    const { sector, sectors, status } = chunk;
-    const base = sector * SECTOR;
-    const bytes = sectors * SECTOR;
-    if (status === 'backing') return [];
-    if (status === 'zero' && !zeroAsData) return [zeroRange(base, bytes)];
-    const data = buf.subarray(0, bytes);
-    if (zeroAsData) return [target.write(base, data)];
-    const runs: { data: boolean; from: number; to: number }[] = [];
+  const sparseRuns = (chunk: Chunk, words: Uint32Array): SectorRun[] => {
+    const { sector, sectors } = chunk;
+    const runs: SectorRun[] = [];
     for (let i = 0; i < sectors; ) {
-      const run = classifyRunMin(isZeroSector, i, sectors - i, minSparseSectors, sector + i, alignment);
+      const run = classifyRunMin(words, i, sectors - i, minSparseSectors, sector + i, alignment);
       runs.push({ data: run.data, from: i, to: i + run.count });
       i += run.count;
     }
@@ -687,6 +701,21 @@ async function convertToImage(source: Image | Image[], image: Image, options: Co
         z.to = ze;
       }
     }
+    return runs;
+  };
+
+  /**
+   * Issues the chunk's writes (all of them before returning: the target queues them in call
+   * order, which is what keeps guest order) and returns them to be awaited before buf is reused.
+   */
+  const writeChunk = (chunk: Chunk, buf: Uint8Array, runs: SectorRun[] | null): Promise<void>[] => {
+    const { sector, sectors, status } = chunk;
+    const base = sector * SECTOR;
+    const bytes = sectors * SECTOR;
+    if (status === 'backing') return [];
+    if (status === 'zero' && !zeroAsData) return [zeroRange(base, bytes)];
+    // Data (or, with sparse detection off, zeros) written whole; otherwise its runs.
+    if (!runs) return [target.write(base, buf.subarray(0, bytes))];
     const ops: Promise<void>[] = [];
     let dataFrom = -1;
     for (let k = 0; k < runs.length; k++) {
@@ -712,12 +741,14 @@ async function convertToImage(source: Image | Image[], image: Image, options: Co
   };
   try {
     await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData, mode, salvage), zeroAsData, async (chunk, index, buf) => {
-      let isZeroSector = tests.get(buf);
-      if (!isZeroSector) tests.set(buf, (isZeroSector = zeroSectorTest(buf)));
+      let words = views.get(buf);
+      if (!words) views.set(buf, (words = sectorWords(buf)));
       try {
         const tryOffload = offload && chunk.status === 'data';
+        const sparse = chunk.status === 'data' && !zeroAsData && !compress;
         if (chunk.status === 'data' && !tryOffload) await readSectors(parts, buf, chunk.sector, chunk.sectors, salvage);
         else if (chunk.status === 'zero' && zeroAsData) buf.fill(0, 0, chunk.sectors * SECTOR);
+        let runs = sparse && !tryOffload ? sparseRuns(chunk, words) : null;
         await turn(index);
         if (broken) return;
         if (tryOffload) {
@@ -728,6 +759,7 @@ async function convertToImage(source: Image | Image[], image: Image, options: Co
           // As qemu-img: offloading is off from here on; this request is copied the ordinary way.
           offload = false;
           await readSectors(parts, buf, chunk.sector, chunk.sectors, salvage);
+          if (sparse) runs = sparseRuns(chunk, words);
         }
         if (compress && (chunk.status === 'data' || (chunk.status === 'zero' && zeroAsData))) {
           // Queued in order now, compressed in parallel: the next request may queue its clusters
@@ -738,7 +770,7 @@ async function convertToImage(source: Image | Image[], image: Image, options: Co
           await settleAll(ops);
           return;
         }
-        const ops = writeChunk(chunk, buf, isZeroSector);
+        const ops = writeChunk(chunk, buf, runs);
         done(index);
         await settleAll(ops);
       } catch (e) {
