@@ -11,6 +11,7 @@
 //   uncompressed when it does not fit.
 
 import zlib from 'node:zlib';
+import { Limiter } from '../async.js';
 import { FormatError, QimgError } from '../errors.js';
 import { zstdRoom } from './zstd-protocol.js';
 import { ZstdBatchPool, ZstdWorkerPool, availableParallelism, defaultWorkerPath, type ZstdBatchPoolOptions, type ZstdPoolOptions } from './zstd-pool.js';
@@ -90,24 +91,18 @@ const deflateOptions: zlib.ZlibOptions = {
  * request queued at once (tens of clusters) that was 20 MiB of peak RSS for no speed, and deflates
  * filling every pool thread left file reads waiting behind them.
  */
-const MAX_DEFLATES = Math.max(2, Number(process.env.QIMG_ZLIB_JOBS) || 4);
-let deflatesRunning = 0;
-const deflatesWaiting: (() => void)[] = [];
+const deflates = new Limiter(Math.max(2, Number(process.env.QIMG_ZLIB_JOBS) || 4));
 
 function deflateRawAsync(src: Uint8Array): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const start = (): void => {
-      deflatesRunning++;
-      zlib.deflateRaw(src, deflateOptions, (err, out) => {
-        deflatesRunning--;
-        deflatesWaiting.shift()?.();
-        if (err) reject(err);
-        else resolve(out);
-      });
-    };
-    if (deflatesRunning < MAX_DEFLATES) start();
-    else deflatesWaiting.push(start);
-  });
+  return deflates.run(
+    () =>
+      new Promise((resolve, reject) => {
+        zlib.deflateRaw(src, deflateOptions, (err, out) => {
+          if (err) reject(err);
+          else resolve(out);
+        });
+      }),
+  );
 }
 
 /**

@@ -5,6 +5,7 @@ import type { FormatDriver, ShallowMapping, WriteIo } from '../image.js';
 import type { ImageInfo, Qcow2SpecificInfo } from '../info.js';
 import type { Storage } from '../io/storage.js';
 import { readFullZeroFill } from '../io/storage.js';
+import { Limiter } from '../async.js';
 import { FormatError, NotFoundError, QimgError, UnsupportedError } from '../errors.js';
 import { parseHeader, validateTable, type Qcow2Header } from './header.js';
 import {
@@ -60,6 +61,7 @@ export class Qcow2Driver implements FormatDriver {
   private codec: Promise<ClusterCodec> | null = null;
   private readonly decompressed = new Map<number, Promise<Uint8Array>>();
   private readonly compressedReadBuffers: Uint8Array[] = [];
+  private readonly compressedReads = new Limiter(MAX_SPARE_READ_BUFFERS);
   /** True when QEMU would detect metadata preallocation (block status then looks through to the host file). */
   private metadataPreallocation: boolean | null = null;
 
@@ -338,18 +340,22 @@ export class Qcow2Driver implements FormatDriver {
       throw new FormatError(`Compressed cluster offset out of range (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`);
     }
     // A compressed cluster spans at most 2 clusters of sectors; the read buffers are reused so that
-    // bulk reads of compressed images allocate nothing per cluster.
-    const spare = this.compressedReadBuffers.pop() ?? new Uint8Array(2 * this.clusterSize);
-    try {
-      const src = spare.subarray(0, desc.length);
-      await readFullZeroFill(this.storage, src, desc.hostOffset);
-      if (!this.codec) this.codec = getCodec(this.header.compressionType === 1 ? 'zstd' : 'zlib');
-      const codec = await this.codec;
-      await codec.decompress(src, out);
-      return out;
-    } finally {
-      if (this.compressedReadBuffers.length < MAX_SPARE_READ_BUFFERS) this.compressedReadBuffers.push(spare);
-    }
+    // bulk reads of compressed images allocate nothing per cluster. At most MAX_SPARE_READ_BUFFERS
+    // clusters are read and decompressed at once (a convert asks for hundreds: each held a read
+    // buffer and a decompressor's output chunk while it waited for the thread pool).
+    return this.compressedReads.run(async () => {
+      const spare = this.compressedReadBuffers.pop() ?? new Uint8Array(2 * this.clusterSize);
+      try {
+        const src = spare.subarray(0, desc.length);
+        await readFullZeroFill(this.storage, src, desc.hostOffset);
+        if (!this.codec) this.codec = getCodec(this.header.compressionType === 1 ? 'zstd' : 'zlib');
+        const codec = await this.codec;
+        await codec.decompress(src, out);
+        return out;
+      } finally {
+        if (this.compressedReadBuffers.length < MAX_SPARE_READ_BUFFERS) this.compressedReadBuffers.push(spare);
+      }
+    });
   }
 
   /**
