@@ -154,20 +154,6 @@ function deferOptimization(): void {
   }
 }
 
-/**
- * V8 doubles its young generation (up to 2 x 16 MiB) when much survives a collection; streaming an
- * image keeps requests and their promises alive across collections, so it grew to the maximum in
- * every long convert: 8-10 MiB of peak RSS for nothing (zstd writing 96-100 -> 85-86 MiB, no slower).
- * The growth factor is read when V8 decides to grow, so it can be set while running.
- */
-function keepYoungGenerationSmall(): void {
-  try {
-    setFlagsFromString('--semi-space-growth-factor=1');
-  } catch {
-    // Not available: nothing to do.
-  }
-}
-
 const DEFERRED_INTERRUPT_BUDGET = 1_000_000;
 /** V8 11's default --interrupt-budget (66 KiB of bytecode executed). */
 const V8_11_INTERRUPT_BUDGET = 67_584;
@@ -177,7 +163,6 @@ async function run(): Promise<void> {
   // Both change V8 flags, which a code cache records: not while making the launcher's (see launch.ts).
   if (!process.env.QIMG_CODE_CACHE_WRITE) {
     deferOptimization();
-    keepYoungGenerationSmall();
     // Only commands that run long need it; a quick one exits before this (it costs ~1.5 ms to set up).
     setTimeout(startScavenging, 100).unref();
   }
