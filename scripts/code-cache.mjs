@@ -30,15 +30,12 @@ try {
   const raw = Buffer.alloc(4 << 20);
   for (let i = 0; i < raw.length; i += 4096) raw.fill((i >> 12) + 1, i, i + 2048);
   writeFileSync(path.join(dir, 'a.raw'), raw);
+  // The commands run most, and only those: every function in the cache is materialized at start-up
+  // (~3 MiB of heap for this set), used or not.
   qimg('create', '-q', '-f', 'qcow2', 'new.qcow2', '64M');
   qimg('convert', '-f', 'raw', '-O', 'qcow2', 'a.raw', 'a.qcow2');
   qimg('convert', '-f', 'qcow2', '-O', 'raw', 'a.qcow2', 'b.raw');
-  qimg('convert', '-c', '-f', 'raw', '-O', 'qcow2', 'a.raw', 'c.qcow2');
   qimg('info', 'a.qcow2');
-  qimg('info', '--output=json', 'a.qcow2');
-  qimg('check', 'a.qcow2');
-  qimg('map', 'a.qcow2');
-  qimg('resize', '-q', 'new.qcow2', '128M');
   // The cache must now be accepted by a run with the flags a user's run has.
   const used = spawnSync(process.execPath, [cli, 'info', 'a.qcow2'], { cwd: dir, env: { ...process.env, QIMG_CODE_CACHE_DEBUG: '1' }, encoding: 'utf8' });
   if (!used.stderr.includes('code cache used')) throw new Error(`the cache made is not used: ${used.stderr.trim()}`);
