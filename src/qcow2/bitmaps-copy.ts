@@ -7,7 +7,7 @@
 import type { Storage } from '../io/storage.js';
 import { readFullZeroFill } from '../io/storage.js';
 import { FormatError, QimgError } from '../errors.js';
-import { parseHeader, type Qcow2Header } from './header.js';
+import { readHeader, type Qcow2Header } from './header.js';
 import { serializeHeader } from './header-write.js';
 import { Refcounts } from './allocator.js';
 import { AUTOCLEAR_BITMAPS, TWO_POW_32, entryOffset } from './layout.js';
@@ -130,22 +130,10 @@ export interface NewBitmap {
 
 /** Names of the persistent bitmaps stored in a closed qcow2 file (see listPersistentBitmaps). */
 export async function storedBitmapNames(storage: Storage): Promise<string[]> {
-  const { header } = await readHeader(storage);
+  const header = await readHeader(storage);
   return (await listPersistentBitmaps({ storage, header, virtualSize: header.size })).map((b) => b.name);
 }
 
-async function readHeader(storage: Storage): Promise<{ header: Qcow2Header; clusterSize: number }> {
-  const first = new Uint8Array(65536);
-  await readFullZeroFill(storage, first, 0);
-  let header = parseHeader(first);
-  const clusterSize = 2 ** header.clusterBits;
-  if (clusterSize > first.length) {
-    const head = new Uint8Array(clusterSize);
-    await readFullZeroFill(storage, head, 0);
-    header = parseHeader(head);
-  }
-  return { header, clusterSize };
-}
 
 /**
  * Stores `bitmaps` as new persistent bitmaps in the qcow2 image in `storage` (closed by every
@@ -153,7 +141,8 @@ async function readHeader(storage: Storage): Promise<{ header: Qcow2Header; clus
  */
 export async function storeNewBitmaps(storage: Storage, bitmaps: NewBitmap[]): Promise<void> {
   if (bitmaps.length === 0) return;
-  const { header: h, clusterSize: cs } = await readHeader(storage);
+  const h = await readHeader(storage);
+  const cs = 2 ** h.clusterBits;
   if (h.version < 3) throw new QimgError('UNSUPPORTED', 'Cannot store dirty bitmaps in qcow2 v2 files');
   const refcounts = await Refcounts.load(storage, cs, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
   let existing: DirEntry[] = [];

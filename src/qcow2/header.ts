@@ -2,6 +2,7 @@
 // extensions and header bytes are kept byte for byte so that a rewrite can preserve them.
 
 import { FormatError, UnsupportedError } from '../errors.js';
+import { readFullZeroFill, type Storage } from '../io/storage.js';
 import {
   readU64, AUTOCLEAR_BITMAPS, MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES, COMPRESSION_TYPE_OFFSET, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE,
   INCOMPAT_COMPRESSION, INCOMPAT_MASK, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
@@ -240,4 +241,35 @@ function unsupportedFeatureMessage(table: FeatureName[], mask: bigint): string {
   }
   if (mask) parts.push(`Unknown incompatible feature: ${mask.toString(16)}`);
   return `Unsupported qcow2 feature(s): ${parts.join(', ')}`;
+}
+
+/**
+ * The header of the qcow2 image in `storage` (of `fileSize` bytes, when known). The header and its
+ * extensions live in the first cluster: the first 64 KiB are read, and the whole cluster again if
+ * the image's is larger (past EOF reads as zeros, as in QEMU).
+ */
+export async function readHeader(storage: Storage, fileSize = 65536): Promise<Qcow2Header> {
+  const first = new Uint8Array(Math.min(65536, Math.max(fileSize, 512)));
+  await readFullZeroFill(storage, first, 0);
+  const header = parseHeaderOrSize(first);
+  const clusterSize = 2 ** header.clusterBits;
+  if (clusterSize <= first.length) return header;
+  const head = new Uint8Array(clusterSize);
+  await readFullZeroFill(storage, head, 0);
+  return parseHeader(head);
+}
+
+/** Parses from a buffer that may be shorter than the image's cluster: only the cluster size matters then. */
+function parseHeaderOrSize(first: Uint8Array): Qcow2Header {
+  try {
+    return parseHeader(first);
+  } catch (e) {
+    // A cluster larger than the buffer may hold extensions past it: retry with the full cluster.
+    const view = new DataView(first.buffer, first.byteOffset, first.byteLength);
+    const bits = first.length >= 24 ? view.getUint32(20) : 0;
+    if (bits > 16 && bits <= 21 && 2 ** bits > first.length) {
+      return { ...({} as Qcow2Header), clusterBits: bits };
+    }
+    throw e;
+  }
 }

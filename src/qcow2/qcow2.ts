@@ -7,7 +7,7 @@ import type { Storage } from '../io/storage.js';
 import { readFullZeroFill } from '../io/storage.js';
 import { Limiter } from '../async.js';
 import { FormatError, NotFoundError, QimgError, UnsupportedError } from '../errors.js';
-import { parseHeader, validateTable, type Qcow2Header } from './header.js';
+import { readHeader, validateTable, type Qcow2Header } from './header.js';
 import {
   AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
   MAX_L1_BYTES, SUBCLUSTERS_PER_CLUSTER, hex,
@@ -108,17 +108,8 @@ export class Qcow2Driver implements FormatDriver {
       }
     }
     const fileSize = await storage.size();
-    // The header and its extensions live in the first cluster; read the largest possible one and
-    // re-read if the image's cluster is larger (QEMU reads past EOF as zeros).
-    const first = new Uint8Array(Math.min(65536, Math.max(fileSize, 512)));
-    await readFullZeroFill(storage, first, 0);
-    let header = parseHeaderOrSize(first);
+    const header = await readHeader(storage, fileSize);
     const clusterSize = 2 ** header.clusterBits;
-    if (clusterSize > first.length) {
-      const head = new Uint8Array(clusterSize);
-      await readFullZeroFill(storage, head, 0);
-      header = parseHeader(head);
-    }
     if (header.cryptMethod !== 0) {
       throw new UnsupportedError(`Encrypted qcow2 images are not supported (crypt_method ${header.cryptMethod})`);
     }
@@ -476,17 +467,3 @@ export class Qcow2Driver implements FormatDriver {
   }
 }
 
-/** Parses from a buffer that may be shorter than the image's cluster: only the cluster size matters then. */
-function parseHeaderOrSize(first: Uint8Array): Qcow2Header {
-  try {
-    return parseHeader(first);
-  } catch (e) {
-    // A cluster larger than the buffer may hold extensions past it: retry with the full cluster.
-    const view = new DataView(first.buffer, first.byteOffset, first.byteLength);
-    const bits = first.length >= 24 ? view.getUint32(20) : 0;
-    if (bits > 16 && bits <= 21 && 2 ** bits > first.length) {
-      return { ...({} as Qcow2Header), clusterBits: bits };
-    }
-    throw e;
-  }
-}
