@@ -132,12 +132,13 @@ export class Qcow2Writer {
 
   /**
    * Issues one data write at host (after any in-flight write it overlaps, so the later one wins)
-   * and tracks it until it finishes.
+   * and tracks it until it finishes. Several buffers go out with one pwritev where the storage
+   * has it, else joined into one.
    */
   private async issue(storage: Storage, buf: Uint8Array | Uint8Array[], host: number): Promise<{ done: Promise<void> }> {
     const end = host + byteLength(buf);
     for (const w of this.inflight) if (w.start < end && host < w.end) await w.settled;
-    const p = Array.isArray(buf) ? storage.writev!(buf, host) : storage.write(buf, host);
+    const p = !Array.isArray(buf) ? storage.write(buf, host) : storage.writev ? storage.writev(buf, host) : storage.write(concat(buf), host);
     const w: Inflight = {
       start: host,
       end,
@@ -759,10 +760,7 @@ export class Qcow2Writer {
       while (j < plans.length && plans[j - 1]!.we === cs && plans[j]!.ws === 0 && plans[j]!.host === plans[j - 1]!.host + cs) j++;
       const run = plans.slice(i, j);
       const head = run[0]!;
-      const tail = run[run.length - 1]!;
       const hostStart = head.host + head.ws;
-      const guestStart = head.cluster * cs + head.ws;
-      const length = (tail.cluster - head.cluster) * cs + tail.we - head.ws;
       const fresh = run.some((p) => !p.inPlace);
       // The run's bytes: the caller's data as views, and only the copy-on-write pieces (and any
       // tail past the image's end) in buffers of their own, so that a write covering whole
@@ -791,17 +789,7 @@ export class Qcow2Writer {
           add(cow);
         }
       }
-      if (parts.length === 1) out.push({ buf: parts[0]!, host: hostStart, fresh });
-      else if (storage.writev) out.push({ buf: parts, host: hostStart, fresh });
-      else {
-        const buf = new Uint8Array(length);
-        let at = 0;
-        for (const b of parts) {
-          buf.set(b, at);
-          at += b.length;
-        }
-        out.push({ buf, host: hostStart, fresh });
-      }
+      out.push({ buf: parts.length === 1 ? parts[0]! : parts, host: hostStart, fresh });
       i = j;
     }
     // A copy-on-write read may read clusters whose data is still in flight (a compressed cluster
@@ -859,7 +847,7 @@ export class Qcow2Writer {
     while (i < placed.length) {
       let j = i + 1;
       let length = placed[i]!.out.length;
-      if (storage.writev) while (j < placed.length && placed[j]!.host === placed[i]!.host + length) length += placed[j++]!.out.length;
+      while (j < placed.length && placed[j]!.host === placed[i]!.host + length) length += placed[j++]!.out.length;
       const bufs = placed.slice(i, j).map((x) => x.out);
       issued.push((await this.issue(storage, bufs.length > 1 ? bufs : bufs[0]!, placed[i]!.host)).done);
       i = j;
@@ -1076,4 +1064,14 @@ function byteLength(buf: Uint8Array | Uint8Array[]): number {
   let n = 0;
   for (const b of buf) n += b.length;
   return n;
+}
+
+function concat(bufs: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(byteLength(bufs));
+  let at = 0;
+  for (const b of bufs) {
+    out.set(b, at);
+    at += b.length;
+  }
+  return out;
 }
