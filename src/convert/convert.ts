@@ -9,7 +9,7 @@
 
 import { Image } from '../image.js';
 import type { Storage } from '../io/storage.js';
-import { writeZeroBytes } from '../io/zero.js';
+import { isZero, writeZeroBytes } from '../io/zero.js';
 import { settleAll } from '../async.js';
 import { UsageError } from '../errors.js';
 import { WriteThrottle } from './throttle.js';
@@ -490,13 +490,6 @@ function isZeroSector(words: Uint32Array, sector: number): boolean {
   return true;
 }
 
-function isZero(buf: Uint8Array): boolean {
-  const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
-  for (let i = 0; i < words.length; i++) if (words[i] !== 0) return false;
-  for (let i = words.length * 4; i < buf.length; i++) if (buf[i] !== 0) return false;
-  return true;
-}
-
 /**
  * Copies `source` (or several sources, concatenated) to `target`: a raw Storage (bytes, sparse)
  * or an Image opened writable (see convertToImage).
@@ -535,8 +528,7 @@ async function convertToStorage(source: Image | Image[], storage: Storage, optio
 
   const zeroRange = async (offset: number, length: number): Promise<void> => {
     if (targetZero || length === 0) return;
-    if (target.writeZeroes) await target.writeZeroes(offset, length);
-    else await writeZeroBytes((b, o) => target.write(b, o), offset, length);
+    await writeZeroesTo(target, offset, length);
   };
 
   const views = new WeakMap<Uint8Array, Uint32Array>();
@@ -545,10 +537,7 @@ async function convertToStorage(source: Image | Image[], storage: Storage, optio
   const copyTarget: CopyRangeTarget = {
     file: storage,
     write: (offset, data) => storage.write(data, offset),
-    writeZeroes: async (offset, length) => {
-      if (storage.writeZeroes) await storage.writeZeroes(offset, length);
-      else await writeZeroBytes((b, o) => storage.write(b, o), offset, length);
-    },
+    writeZeroes: (offset, length) => writeZeroesTo(storage, offset, length),
   };
   await runCopy(st, options, () => new ChunkPlanner(parts, totalSectors, bufSectors, zeroAsData, DEFAULT_MODE, salvage), zeroAsData, async (chunk, _index, buf) => {
     let words = views.get(buf);
@@ -781,6 +770,12 @@ async function convertToImage(source: Image | Image[], image: Image, options: Co
   } finally {
     breakOrder();
   }
+}
+
+/** Zeros into a raw storage: its writeZeroes (punching a hole) where it has one, else zero bytes. */
+async function writeZeroesTo(storage: Storage, offset: number, length: number): Promise<void> {
+  if (storage.writeZeroes) await storage.writeZeroes(offset, length);
+  else await writeZeroBytes((b, o) => storage.write(b, o), offset, length);
 }
 
 /** The storage with its writes admitted by a WriteThrottle (itself when there is no limit). */
