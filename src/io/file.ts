@@ -151,8 +151,9 @@ export class FileStorage implements Storage {
    * blocks are reserved RESERVE_AHEAD at a time with FALLOC_FL_KEEP_SIZE, so that the size only
    * grows with the writes and a reservation is one system call per 32 MiB rather than per write
    * (each one waits for the inode lock the writes in flight hold); inside the file exactly the
-   * range. The call runs on the thread pool, counted with the reads and writes in flight. Blocks reserved past the end are given back (ftruncate to the same size, once no write
-   * is in flight) on flush and close, so the file's "disk size" is what was written.
+   * range. The call runs on the thread pool, counted with the reads and writes in flight. Blocks
+   * reserved past the end are given back (ftruncate to the same size, once nothing is in flight)
+   * on flush and close, so the file's "disk size" is what was written.
    */
   reserveHint(offset: number, length: number): void {
     if (!this.reserveSupported || this.closed || this.readOnly || length <= 0) return;

@@ -48,7 +48,7 @@ export interface Storage {
   allocate?(offset: number, length: number): Promise<void>;
   /**
    * A hint before writing a range that was never written (newly allocated image clusters): reserve
-   * the blocks in one go (fallocate mode 0), as QEMU zeroes a new allocation with one fallocate
+   * the blocks in one go (fallocate), as QEMU zeroes a new allocation with one fallocate
    * before its data write. On ext4 a buffered write into reserved blocks costs about 40% less
    * system time than one that allocates block by block. Best effort: never fails, does nothing
    * where the backend cannot (memory, no native helpers, a file system without fallocate).

@@ -53,9 +53,8 @@ export async function createRaw(storage: Storage, size: number, preallocation?: 
       await storage.write(zeroBuffer(firstBlock), 0);
       break;
     case 'falloc': {
-      const s = storage;
-      if (s.allocate) {
-        await s.allocate(0, total);
+      if (storage.allocate) {
+        await storage.allocate(0, total);
         result.fallocMethod = 'allocate';
       } else {
         // posix_fallocate's own fallback where fallocate is missing: write zeros.

@@ -94,9 +94,8 @@ export class RawDriver implements FormatDriver {
         break;
       case 'falloc': {
         // posix_fallocate from the old end; without the capability, its own fallback (writing zeros).
-        const s = this.storage;
-        if (s.allocate) {
-          if (newSize > current) await s.allocate(current, newSize - current);
+        if (this.storage.allocate) {
+          if (newSize > current) await this.storage.allocate(current, newSize - current);
         } else {
           await writeZeros(this.storage, current, newSize - current);
         }
