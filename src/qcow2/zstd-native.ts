@@ -9,6 +9,7 @@
 // callers then use the WebAssembly build.
 
 import { createRequire } from 'node:module';
+import { Limiter } from '../async.js';
 import { nativeAllowed } from '../io/native.js';
 
 /** Decodes whole zstd frames into dst (exactly as ZSTD_decompress); bytes written, or a wasm32-style error code. */
@@ -117,47 +118,30 @@ function tryLoad(): ZstdNativeDecoder | null {
     const comp = lib.func(
       'size_t ZSTD_compressCCtx(void *cctx, void *dst, size_t dstCapacity, const void *src, size_t srcSize, int level)',
     );
-    let running = 0;
-    const waiting: (() => void)[] = [];
+    const calls = new Limiter(MAX_ASYNC);
     // One compression context per call in flight (at most MAX_ASYNC), reused: no per-cluster
     // context allocation. Never freed: they live as long as the process.
     const contexts: unknown[] = [];
-    const settle = (resolve: (n: number) => void, reject: (e: Error) => void) => (err: unknown, r: unknown): void => {
-      running--;
-      waiting.shift()?.();
-      if (err) reject(err instanceof Error ? err : new Error(String(err)));
-      else resolve(toResult(r));
-    };
-    const queue = (run: () => void): void => {
-      if (running < MAX_ASYNC) run();
-      else waiting.push(run);
-    };
+    /** Runs `start` (a koffi async call given its callback) and resolves with its result. */
+    const call = (start: (done: (err: unknown, r: unknown) => void) => void): Promise<number> =>
+      new Promise((resolve, reject) => {
+        start((err, r) => {
+          if (err) reject(err instanceof Error ? err : new Error(String(err)));
+          else resolve(toResult(r));
+        });
+      });
     return {
       decompress: (dst, src) => toResult(dec(dst, dst.length, src, src.length)),
-      decompressAsync: (dst, src) =>
-        new Promise((resolve, reject) => {
-          queue(() => {
-            running++;
-            dec.async(dst, dst.length, src, src.length, settle(resolve, reject));
-          });
-        }),
+      decompressAsync: (dst, src) => calls.run(() => call((done) => dec.async(dst, dst.length, src, src.length, done))),
       compressAsync: (dst, src, level) =>
-        new Promise((resolve, reject) => {
-          queue(() => {
-            let cctx = contexts.pop();
-            if (cctx === undefined) cctx = createCCtx();
-            if (!cctx) {
-              reject(new Error('ZSTD_createCCtx failed'));
-              waiting.shift()?.();
-              return;
-            }
-            running++;
-            const done = settle(resolve, reject);
-            comp.async(cctx, dst, dst.length, src, src.length, level, (err: unknown, r: unknown) => {
-              contexts.push(cctx);
-              done(err, r);
-            });
-          });
+        calls.run(async () => {
+          const cctx = contexts.pop() ?? createCCtx();
+          if (!cctx) throw new Error('ZSTD_createCCtx failed');
+          try {
+            return await call((done) => comp.async(cctx, dst, dst.length, src, src.length, level, done));
+          } finally {
+            contexts.push(cctx);
+          }
         }),
     };
   } catch {
