@@ -73,8 +73,10 @@ async function copyHost(src: Storage, host: number, length: number, target: Copy
   if (native && src instanceof FileStorage && out instanceof FileStorage && src.nativeEnabled && out.nativeEnabled) {
     let done = 0;
     while (done < length) {
-      const r = native.copyFileRange(src.fd, host + done, out.fd, dst + done, length - done);
-      if (r === -4) continue; // EINTR
+      // On the thread pool: a kernel copy of a whole request would otherwise hold the event loop.
+      const r = await new Promise<number>((resolve) =>
+        native.copyFileRangeAsync(src.fd, host + done, out.fd, dst + done, length - done, resolve),
+      );
       // Nothing copied (past the source's end) or an error (EXDEV, ENOSYS, ...): QEMU gives up offloading.
       if (r <= 0) return false;
       done += r;

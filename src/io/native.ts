@@ -30,8 +30,11 @@ export interface NativeFileOps {
    * on the libuv thread pool; `done` gets 0, or a negative number on failure (errno not kept).
    */
   reserveAsync(fd: number, offset: number, length: number, done: (result: number) => void): void;
-  /** Copies up to `length` bytes in the kernel; bytes copied or -errno. */
-  copyFileRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
+  /**
+   * Copies up to `length` bytes in the kernel (copy_file_range) on the libuv thread pool; `done`
+   * gets the bytes copied, or a negative number on failure (errno not kept).
+   */
+  copyFileRangeAsync(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number, done: (result: number) => void): void;
 }
 
 /** Architectures where off_t and size_t are 64-bit, so plain lseek/fallocate take int64 offsets. */
@@ -91,7 +94,7 @@ function tryLoad(): NativeFileOps | null {
     if (!lib) return null;
     const lseek = lib.func('int64_t lseek(int fd, int64_t offset, int whence)');
     const fallocate = lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
-    let copyFileRange: ((...args: unknown[]) => unknown) | undefined;
+    let copyFileRange: KoffiFunction | undefined;
     try {
       copyFileRange = lib.func(
         'int64_t copy_file_range(int fd_in, _Inout_ int64_t *off_in, int fd_out, _Inout_ int64_t *off_out, size_t len, unsigned int flags)',
@@ -119,10 +122,14 @@ function tryLoad(): NativeFileOps | null {
           done(err ? -1 : toNumber(r) < 0 ? -1 : 0);
         });
       },
-      copyFileRange: (fdIn, offIn, fdOut, offOut, length) => {
-        if (!copyFileRange) return -38; // ENOSYS
-        const r = toNumber(copyFileRange(fdIn, [offIn], fdOut, [offOut], length, 0));
-        return r < 0 ? -koffi.errno() : r;
+      copyFileRangeAsync: (fdIn, offIn, fdOut, offOut, length, done) => {
+        if (!copyFileRange) {
+          done(-38); // ENOSYS
+          return;
+        }
+        copyFileRange.async(fdIn, [offIn], fdOut, [offOut], length, 0, (err: unknown, r: unknown) => {
+          done(err ? -1 : toNumber(r) < 0 ? -1 : toNumber(r));
+        });
       },
     };
     return ops;
