@@ -1,26 +1,17 @@
-// Builds the CLI once per test process (esbuild, like tsup's bundle) and runs it side by side with
-// the real qemu-img on the same files.
+// Runs the qimg CLI (bundled once per test run by test/setup/global.ts, like tsup's bundle) side by
+// side with the real qemu-img on the same files.
 
 import { execFile } from 'node:child_process';
-import { ROOT, bundleForTest } from '../helpers/bundle.js';
-
-
+import { ROOT, bundles } from '../helpers/bundle.js';
 export interface RunResult {
   code: number;
   stdout: string;
   stderr: string;
 }
 
-let built: Promise<string> | undefined;
-
-/**
- * The path of a freshly bundled cli.js. It lives under node_modules/.cache so that its imports
- * of packages (commander, koffi, zstd) resolve from the repository's node_modules; each test
- * process gets its own directory, so parallel test files never race on one output.
- */
+/** The path of the bundled cli.js (async for the callers that await it). */
 export function cliPath(): Promise<string> {
-  built ??= bundleForTest('cli', 'src/cli/bin.ts', 'cli-test');
-  return built;
+  return Promise.resolve(bundles().cli);
 }
 
 function exec(cmd: string, args: string[], cwd: string, env: NodeJS.ProcessEnv = {}): Promise<RunResult> {

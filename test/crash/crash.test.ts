@@ -14,24 +14,21 @@ import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { KiB, MiB, qemuImg, referenceRaw, run, tmpDir, withImage } from '../helpers/qemu.js';
 import {
   type DiskOp, type DiskShape, applyOp, describeDiff, describeOp, discardedRange, firstDiff, isRefcountOnlyError,
   openWritable, parseCheck, patternBytes, prng,
 } from '../helpers/model.js';
 import { firstOps } from './ops.js';
-import { ROOT, bundleForTest } from '../helpers/bundle.js';
+import { ROOT, bundles } from '../helpers/bundle.js';
 
 const dir = tmpDir('qimg-crash-');
 
 /** qimg rebuilds refcounts of a dirty lazy-refcounts image on writable open once src/qcow2/check.ts exists. */
 const REPAIR_LANDED = existsSync(join(ROOT, 'src/qcow2/check.ts'));
 
-let writerJs: string;
-beforeAll(async () => {
-  writerJs = await bundleForTest('writer', 'test/crash/writer.ts', 'crash-writer');
-});
+const writerJs = bundles().crashWriter;
 
 /** QIMG_CRASH_ENGINE=qemu-io: the writer drives qemu-io instead of qimg (checks this test against QEMU). */
 const ENGINE = process.env.QIMG_CRASH_ENGINE === 'qemu-io' ? 'qemu-io' : 'qimg';
