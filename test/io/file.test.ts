@@ -1,13 +1,19 @@
 // FileStorage specifics: QEMU-worded open errors, create, disk size, the native switch.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { readFile, stat, writeFile, mkdir } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
+import { chmod, mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { build } from 'esbuild';
 import { FileStorage } from '../../src/io/file.js';
 import { loadNative } from '../../src/io/native.js';
 import { IoError } from '../../src/errors.js';
 import { tempDirFixture } from './backends.js';
 
+const execFileAsync = promisify(execFile);
 const tmp = tempDirFixture();
 beforeAll(tmp.setup);
 afterAll(tmp.teardown);
@@ -27,10 +33,51 @@ describe('FileStorage.open errors use QEMU wording', () => {
     await expect(FileStorage.open(name, { readOnly: true })).rejects.toThrow(`Could not open '${name}': Is a directory`);
   });
 
-  it.skipIf(process.getuid?.() === 0)('an unreadable file: Permission denied', async () => {
-    const name = join(tmp.dir(), 'secret.img');
-    await writeFile(name, 'x', { mode: 0o000 });
-    await expect(FileStorage.open(name, { readOnly: true })).rejects.toThrow(`Could not open '${name}': Permission denied`);
+  it('an unreadable file: Permission denied, the words qemu-img uses', async () => {
+    // Root opens any file whatever its mode (CAP_DAC_OVERRIDE), and CI runs as root: there the open
+    // runs in a child process as nobody (65534, Debian's nobody/nogroup), and so does qemu-img.
+    // The child is FileStorage.open bundled into a folder of its own that nobody may read (the
+    // bundles under node_modules/.cache are private to root); koffi does not resolve from there,
+    // which FileStorage tolerates.
+    const dir = await mkdtemp(join(tmpdir(), 'qimg-eacces-'));
+    try {
+      await chmod(dir, 0o755);
+      const name = join(dir, 'secret.img');
+      await writeFile(name, 'x', { mode: 0o000 });
+      const child = join(dir, 'open-child.mjs');
+      await build({
+        stdin: {
+          contents: `
+            import { FileStorage } from './file.js';
+            FileStorage.open(process.argv[2], { readOnly: true }).then(
+              (s) => s.close().then(() => console.log(JSON.stringify({ opened: true }))),
+              (e) => console.log(JSON.stringify({ message: e.message, errno: e.data?.errno })),
+            );`,
+          resolveDir: fileURLToPath(new URL('../../src/io/', import.meta.url)),
+          loader: 'ts',
+        },
+        outfile: child,
+        bundle: true,
+        format: 'esm',
+        platform: 'node',
+        logLevel: 'error',
+      });
+      const user = process.getuid?.() === 0 ? { uid: 65534, gid: 65534 } : {};
+      const [ours, qemu] = await Promise.all([
+        execFileAsync(process.execPath, [child, name], { ...user, cwd: dir, encoding: 'utf8' }),
+        execFileAsync('qemu-img', ['info', '-f', 'raw', name], { ...user, cwd: dir, encoding: 'utf8', env: { ...process.env, LC_ALL: 'C' } }).then(
+          () => expect.fail('qemu-img opened the unreadable file'),
+          (e: { code: number; stderr: string }) => e,
+        ),
+      ]);
+      const result = JSON.parse(ours.stdout) as { message?: string; errno?: string };
+      expect(result).toEqual({ message: `Could not open '${name}': Permission denied`, errno: 'EACCES' });
+      // qemu-img's file-posix error, inside its own "Could not open" for the image.
+      expect(qemu.code).toBe(1);
+      expect(qemu.stderr).toBe(`qemu-img: Could not open '${name}': ${result.message}\n`);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 
