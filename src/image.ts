@@ -50,6 +50,8 @@ export interface ResizeOptions {
   /** Required to make the image smaller (as qemu-img resize --shrink). */
   shrink?: boolean;
   preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+  /** Told what qemu-img would warn about without failing (qcow2: persistent bitmaps that could not be stored and stay in_use). */
+  onWarning?: (message: string) => void;
 }
 
 /** What a format supplies to the generic layer. */

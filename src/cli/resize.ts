@@ -1,7 +1,7 @@
 // qimg resize: qemu-img 7.2's img_resize.
 
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, checkFormat, errorText, usageError, type CliContext } from './common.js';
+import { CliError, PROGRAM, checkFormat, errorText, usageError, type CliContext } from './common.js';
 import { openImage } from '../open.js';
 import { QimgError } from '../errors.js';
 import { parseSize } from './options.js';
@@ -85,9 +85,17 @@ export async function cmdResize(args: string[], ctx: CliContext, showHelp: () =>
       ]);
     }
     try {
-      await image.resize(total, { shrink, preallocation: prealloc as 'off' | 'metadata' | 'falloc' | 'full' });
+      await image.resize(total, {
+        shrink,
+        preallocation: prealloc as 'off' | 'metadata' | 'falloc' | 'full',
+        onWarning: (message) => ctx.stderr.write(`${PROGRAM}: ${message}\n`),
+      });
     } catch (e) {
-      if (e instanceof QimgError) throw new CliError(e.message);
+      if (e instanceof QimgError) {
+        // An inconsistent bitmap's refusal carries QEMU's hint (printed as is, after the message).
+        const hint = typeof e.data.hint === 'string' ? e.data.hint : undefined;
+        throw new CliError(e.message, hint !== undefined ? { appendedHint: hint } : {});
+      }
       throw e;
     }
     await image.close();

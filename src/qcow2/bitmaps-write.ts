@@ -6,16 +6,18 @@
 // the bitmap data (allocating a data cluster for an all-zeros table entry), then close clears
 // in_use. A crash leaves in_use set: QEMU then treats the bitmap as inconsistent (as after its own
 // crash), and check stays clean because every cluster stays referenced. Disabled bitmaps and
-// bitmaps already in_use are left untouched.
+// bitmaps already in_use are left untouched. A resize stores every bitmap afresh for the new size
+// (src/qcow2/bitmaps-resize.ts) and the tracker then follows the new directory.
 
 import type { Storage } from '../io/storage.js';
 import { readFullZeroFill } from '../io/storage.js';
 import type { BitmapsExtension } from './header.js';
 import type { Refcounts } from './allocator.js';
 import { TWO_POW_32, entryOffset } from './layout.js';
-
-const FLAG_IN_USE = 1;
-const FLAG_AUTO = 2;
+import {
+  FLAG_AUTO, FLAG_IN_USE, listDirectory, markAllInUse, resizeRefusal, storeResized, validateDirectory, validateTables,
+  type BitmapStoreHost, type DirBitmap,
+} from './bitmaps-resize.js';
 
 interface TrackedBitmap {
   /** Byte position of the entry in the directory. */
@@ -26,34 +28,35 @@ interface TrackedBitmap {
 }
 
 export class BitmapTracker {
-  private readonly tracked: TrackedBitmap[] = [];
+  private tracked: TrackedBitmap[] = [];
   private dirty: [number, number][] = [];
   private inUse = false;
+  /** Per directory entry: in_use when the image was opened (QEMU: inconsistent, never resized or stored). */
+  private inUseAtOpen: boolean[] = [];
 
-  private constructor(private readonly storage: Storage, private readonly ext: BitmapsExtension | undefined,
-    private readonly dir: Uint8Array, private readonly cs: number) {}
+  private constructor(private readonly storage: Storage, private ext: BitmapsExtension | undefined,
+    private dir: Uint8Array, private readonly cs: number) {}
 
   static async load(storage: Storage, ext: BitmapsExtension | undefined, clusterSize: number): Promise<BitmapTracker> {
     if (!ext || ext.nbBitmaps === 0) return new BitmapTracker(storage, undefined, new Uint8Array(0), clusterSize);
     const dir = new Uint8Array(ext.directorySize);
     await readFullZeroFill(storage, dir, ext.directoryOffset);
     const t = new BitmapTracker(storage, ext, dir, clusterSize);
-    const view = new DataView(dir.buffer);
-    let pos = 0;
-    for (let i = 0; i < ext.nbBitmaps && pos + 24 <= dir.length; i++) {
-      const flags = view.getUint32(pos + 12);
-      const entrySize = 24 + view.getUint32(pos + 20) + view.getUint16(pos + 18);
-      if ((flags & FLAG_AUTO) !== 0 && (flags & FLAG_IN_USE) === 0) {
-        t.tracked.push({
-          at: pos,
-          tableOffset: entryOffset(view.getUint32(pos), view.getUint32(pos + 4)),
-          tableSize: view.getUint32(pos + 8),
-          granularity: 2 ** view.getUint8(pos + 17),
-        });
-      }
-      pos += (entrySize + 7) & ~7;
-    }
+    t.follow(ext, dir);
     return t;
+  }
+
+  /** Tracks the bitmaps of `dir` (enabled and not in_use). */
+  private follow(ext: BitmapsExtension, dir: Uint8Array): void {
+    this.ext = ext;
+    this.dir = dir;
+    const entries = listDirectory(dir, ext.nbBitmaps);
+    this.inUseAtOpen = entries.map((e) => (e.flags & FLAG_IN_USE) !== 0);
+    this.tracked = entries
+      .filter((e) => (e.flags & FLAG_AUTO) !== 0 && (e.flags & FLAG_IN_USE) === 0)
+      .map((e) => ({ at: e.at, tableOffset: e.tableOffset, tableSize: e.tableSize, granularity: 2 ** e.granularityBits }));
+    this.dirty = [];
+    this.inUse = false;
   }
 
   get active(): boolean {
@@ -154,5 +157,57 @@ export class BitmapTracker {
     }
     await this.storage.write(this.dir, this.ext!.directoryOffset);
     this.inUse = on;
+  }
+
+  // ---------------------------------------------------------------- resize
+
+  /**
+   * Before a resize (the image's size is `size`): the directory as QEMU checks it on open, and
+   * QEMU's refusal when a bitmap was in_use then. Nothing is written.
+   */
+  async checkResize(size: number): Promise<DirBitmap[]> {
+    if (!this.ext) return [];
+    const bitmaps = validateDirectory(this.dir, this.ext.nbBitmaps, this.cs, size, this.inUseAtOpen);
+    await validateTables(this.storage, bitmaps, this.inUseAtOpen, this.cs, size);
+    const refusal = resizeRefusal(bitmaps, this.inUseAtOpen);
+    if (refusal) throw refusal;
+    return bitmaps;
+  }
+
+  /** Marks every bitmap in_use on disk before the size changes (the caller has synced recorded writes). */
+  async beginResize(host: BitmapStoreHost, bitmaps: readonly DirBitmap[]): Promise<void> {
+    if (!this.ext) return;
+    this.dir = await markAllInUse(host, this.ext, this.dir, bitmaps);
+    // Tracked bitmaps are in_use already: no second directory write on the first write.
+    this.inUse = true;
+  }
+
+  /**
+   * After the resize from `oldSize` to `newSize` is on disk: every bitmap stored afresh, tracked
+   * from its new place. Returns QEMU's warning when the bitmaps could not be stored (they stay in_use).
+   */
+  async finishResize(host: BitmapStoreHost, bitmaps: readonly DirBitmap[], oldSize: number, newSize: number): Promise<string | null> {
+    if (!this.ext) return null;
+    let stored;
+    try {
+      stored = await storeResized(host, this.ext, bitmaps, oldSize, newSize);
+    } catch (e) {
+      this.abandon();
+      throw e;
+    }
+    if ('lost' in stored) {
+      this.abandon();
+      return stored.lost;
+    }
+    this.follow(stored.ext, stored.dir);
+    return null;
+  }
+
+  /** The bitmaps stay in_use on disk (inconsistent): nothing is tracked, close does not clear in_use. */
+  abandon(): void {
+    this.tracked = [];
+    this.dirty = [];
+    this.inUse = false;
+    this.inUseAtOpen = this.inUseAtOpen.map(() => true);
   }
 }

@@ -440,12 +440,12 @@ export class Qcow2Driver implements FormatDriver {
     if (this.writer) await this.writer.flush();
   }
 
-  resize(newSize: number, options: { shrink?: boolean; preallocation?: string }, io: WriteIo): Promise<void> {
+  resize(newSize: number, options: { shrink?: boolean; preallocation?: string; onWarning?: (message: string) => void }, io: WriteIo): Promise<void> {
     const mode = options.preallocation ?? 'off';
     if (mode !== 'off' && mode !== 'metadata' && mode !== 'falloc' && mode !== 'full') {
       throw new UnsupportedError(`Unsupported preallocation mode '${mode}'`);
     }
-    return this.requireWriter().resize(newSize, options.shrink ?? false, io, mode);
+    return this.requireWriter().resize(newSize, options.shrink ?? false, io, mode, options.onWarning);
   }
 
   async close(): Promise<void> {

@@ -24,6 +24,7 @@ import { writeZeroesRange } from '../sparse/extents.js';
 import { zeroBuffer } from '../io/zero.js';
 import { clusterKind, ClusterKind, cowSpan, type ClusterPlan } from './cow.js';
 import type { BitmapTracker } from './bitmaps-write.js';
+import type { BitmapStoreHost } from './bitmaps-resize.js';
 
 const COPIED_HI = 0x80000000;
 const COMPRESSED_HI = 0x40000000;
@@ -277,57 +278,97 @@ export class Qcow2Writer {
     });
   }
 
-  resize(newSize: number, shrink: boolean, io: WriteIo, preallocation: Preallocation = 'off'): Promise<void> {
+  /**
+   * Changes the virtual size. Persistent bitmaps are resized as qemu-img resizes them (see
+   * src/qcow2/bitmaps-resize.ts), also when the size stays the same; a warning QEMU would print
+   * on close (bitmaps it could not store) goes to onWarning.
+   */
+  resize(newSize: number, shrink: boolean, io: WriteIo, preallocation: Preallocation = 'off',
+    onWarning: (message: string) => void = () => undefined): Promise<void> {
     return this.exclusiveDrained(async () => {
       const old = this.d.virtualSize;
       if (newSize % 512 !== 0) throw new UsageError('The new size must be a multiple of 512');
-      if (newSize === old) return;
+      const tracker = this.bitmaps?.hasBitmaps ? this.bitmaps : null;
+      if (newSize === old && !tracker) return;
       if (newSize < old && !shrink) {
         throw new UsageError('Use the --shrink option to perform a shrink operation.');
       }
-      // QEMU 7.2 qcow2_co_truncate: v2 snapshots carry no disk size; bitmaps would need resizing on disk.
+      // QEMU 7.2 qcow2_co_truncate: v2 snapshots carry no disk size.
       if (this.d.header.nbSnapshots > 0 && this.d.header.version < 3) {
         throw new UnsupportedError("Can't resize a v2 image which has snapshots");
       }
-      if (this.bitmaps?.hasBitmaps) {
-        throw new UnsupportedError('Cannot resize qcow2 with persistent bitmaps that were not loaded into memory');
-      }
+      const bitmaps = tracker ? await tracker.checkResize(old) : [];
       await this.begin();
-      const g = this.g;
-      const span = this.cs * g.l2Entries;
-      if (newSize > old) {
-        const need = Math.ceil(newSize / span);
-        if (need > this.d.l1.size) await this.growL1(need);
-        let mode = preallocation;
-        // As QEMU: a raw external data file keeps its L2 tables fully allocated.
-        if (mode === 'off' && g.hasDataFile && (this.d.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n) mode = 'metadata';
-        if (mode !== 'off') {
-          // qcow2_grow_l1_table writes the new table and frees the old one before anything else is allocated.
+      try {
+        if (tracker) {
+          // Bits of writes made earlier through this writer reach the bitmap data first.
+          await this.syncAndWriteOut();
+          await tracker.beginResize(this.bitmapHost(), bitmaps);
+        }
+        if (newSize !== old) await this.resizeImage(old, newSize, io, preallocation);
+        if (tracker) {
+          const lost = await tracker.finishResize(this.bitmapHost(), bitmaps, old, newSize);
+          // QEMU's words when it closes the image; the file's name stands for the node's.
+          if (lost) onWarning(`Lost persistent bitmaps during inactivation of node '${this.d.storage.name}': ${lost}`);
+          // Frees left by a refcount table that grew for the new clusters.
           await this.writeOut();
-          if (mode === 'metadata' || g.hasDataFile) await this.preallocateMetadata(old, newSize, mode, io);
-          else await this.preallocateFile(old, newSize, mode, io);
+          await this.d.storage.flush();
         }
-        this.d.virtualSize = newSize;
-        this.headerDirty = true;
-        // Bytes past the old end must read as zeros: the old last cluster's tail, and (with a
-        // backing file) everything the backing file would otherwise show.
-        const tailEnd = io.hasBacking ? newSize : Math.min(newSize, Math.ceil(old / this.cs) * this.cs);
-        if (mode === 'off' && tailEnd > old) await this.zeroRange(old, tailEnd - old, false, io);
-      } else {
-        const from = Math.ceil(newSize / this.cs) * this.cs;
-        if (from < old) {
-          await this.forClustersPerL2(from, old, (c, n) => this.discardClusters(c, n, io, true));
-        }
-        // L2 tables wholly past the end go too.
-        const keep = Math.ceil(newSize / span);
-        for (const l2 of this.d.l1.clearFrom(keep)) this.refcounts.freeLater(l2, this.cs);
-        this.d.virtualSize = newSize;
-        this.headerDirty = true;
+      } catch (e) {
+        // Bitmaps marked in_use above stay so: their tables may no longer fit the disk.
+        tracker?.abandon();
+        throw e;
       }
-      this.d.invalidateReadCaches();
-      await this.writeOut();
-      await this.d.storage.flush();
     });
+  }
+
+  private bitmapHost(): BitmapStoreHost {
+    return { storage: this.d.storage, header: this.d.header, clusterSize: this.cs, refcounts: this.refcounts, writeHeader: () => this.writeHeader() };
+  }
+
+  /** qcow2_co_truncate's work on the L1/L2 tables, data clusters and header. */
+  private async resizeImage(old: number, newSize: number, io: WriteIo, preallocation: Preallocation): Promise<void> {
+    const g = this.g;
+    const span = this.cs * g.l2Entries;
+    if (newSize > old) {
+      const need = Math.ceil(newSize / span);
+      if (need > this.d.l1.size) await this.growL1(need);
+      let mode = preallocation;
+      // As QEMU: a raw external data file keeps its L2 tables fully allocated.
+      if (mode === 'off' && g.hasDataFile && (this.d.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n) mode = 'metadata';
+      if (mode !== 'off') {
+        // qcow2_grow_l1_table writes the new table and frees the old one before anything else is allocated.
+        await this.writeOut();
+        if (mode === 'metadata' || g.hasDataFile) await this.preallocateMetadata(old, newSize, mode, io);
+        else await this.preallocateFile(old, newSize, mode, io);
+      }
+      this.d.virtualSize = newSize;
+      this.headerDirty = true;
+      // Bytes past the old end must read as zeros: the old last cluster's tail, and (with a
+      // backing file) everything the backing file would otherwise show.
+      const tailEnd = io.hasBacking ? newSize : Math.min(newSize, Math.ceil(old / this.cs) * this.cs);
+      if (mode === 'off' && tailEnd > old) await this.zeroRange(old, tailEnd - old, false, io);
+    } else {
+      const from = Math.ceil(newSize / this.cs) * this.cs;
+      if (from < old) {
+        await this.forClustersPerL2(from, old, (c, n) => this.discardClusters(c, n, io, true));
+      }
+      // L2 tables wholly past the end go too.
+      const keep = Math.ceil(newSize / span);
+      for (const l2 of this.d.l1.clearFrom(keep)) this.refcounts.freeLater(l2, this.cs);
+      this.d.virtualSize = newSize;
+      this.headerDirty = true;
+    }
+    this.d.invalidateReadCaches();
+    await this.writeOut();
+    await this.d.storage.flush();
+    if (newSize < old) {
+      // As qcow2_co_truncate: the file is cut after its last cluster still in use (with the frees
+      // above written), so what the shrink freed at the end is given back to the host.
+      const fileSize = await this.d.storage.size();
+      const end = ((await this.refcounts.lastUsedCluster(fileSize)) + 1) * this.cs;
+      if (end > 0 && end < fileSize) await this.d.storage.truncate(end);
+    }
   }
 
   // ------------------------------------------------------------------ preallocation (resize)
