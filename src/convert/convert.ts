@@ -54,8 +54,9 @@ export interface ConvertOptions {
   /** Alignment of block-status runs in bytes (default: each source's cluster size, or 512). */
   alignment?: number;
   /**
-   * Stops the copy when aborted: no new requests are issued, those in flight finish, then
-   * convert rejects with an error named 'AbortError' (the caller still flushes and closes the target).
+   * Stops the copy when aborted: no new requests are issued, those in flight finish (a write still
+   * waiting for `rateLimit` has not started: it is dropped), then convert rejects with an error
+   * named 'AbortError' (the caller still flushes and closes the target).
    */
   signal?: AbortSignal;
 
@@ -506,7 +507,7 @@ export async function convert(source: Image | Image[], target: Storage | Image, 
  * exactly the source's size rounded up to 512 bytes (as qemu-img sizes it in sectors).
  */
 async function convertToStorage(source: Image | Image[], storage: Storage, options: ConvertOptions): Promise<void> {
-  const target = throttledStorage(storage, options.rateLimit);
+  const target = throttledStorage(storage, options.rateLimit, options.signal);
   if (options.compress) throw new UsageError('Compression not supported for this file format');
   if (options.targetHasBacking) throw new UsageError("Backing file not supported for file format 'raw'");
   const st = await setup(source, options);
@@ -581,7 +582,7 @@ async function convertToStorage(source: Image | Image[], storage: Storage, optio
  * - `targetHasBacking`: see the option.
  */
 async function convertToImage(source: Image | Image[], image: Image, options: ConvertOptions): Promise<void> {
-  const target = throttledImage(image, options.rateLimit);
+  const target = throttledImage(image, options.rateLimit, options.signal);
   if (target.readOnly) throw new UsageError(`${target.storage.name}: the target image is open read-only`);
   const compress = options.compress ?? false;
   const targetHasBacking = options.targetHasBacking ?? false;
@@ -779,9 +780,9 @@ async function writeZeroesTo(storage: Storage, offset: number, length: number): 
 }
 
 /** The storage with its writes admitted by a WriteThrottle (itself when there is no limit). */
-function throttledStorage(storage: Storage, rate: number | undefined): Storage {
+function throttledStorage(storage: Storage, rate: number | undefined, signal: AbortSignal | undefined): Storage {
   if (!rate) return storage;
-  const t = new WriteThrottle(rate);
+  const t = new WriteThrottle(rate, { signal });
   const writeZeroes = storage.writeZeroes;
   const wrapped: Storage = {
     name: storage.name,
@@ -800,9 +801,9 @@ function throttledStorage(storage: Storage, rate: number | undefined): Storage {
 /** What convertToImage calls on its target; writes admitted by a WriteThrottle when there is a limit. */
 type ImageTarget = Pick<Image, 'write' | 'writeZeroes' | 'writeCompressed' | 'readOnly' | 'format' | 'info' | 'virtualSize' | 'backing' | 'storage'>;
 
-function throttledImage(image: Image, rate: number | undefined): ImageTarget {
+function throttledImage(image: Image, rate: number | undefined, signal: AbortSignal | undefined): ImageTarget {
   if (!rate) return image;
-  const t = new WriteThrottle(rate);
+  const t = new WriteThrottle(rate, { signal });
   return {
     write: (offset, data) => t.run(data.length, () => image.write(offset, data)),
     writeZeroes: (offset, length, opts) => t.run(length, () => image.writeZeroes(offset, length, opts)),
