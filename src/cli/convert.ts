@@ -297,7 +297,6 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         ], { trailer: `Is another process using the image [${outFilename}]?` });
       }
     }
-    if (dstCache !== undefined && !CACHE_MODES.has(dstCache)) throw new CliError(`Invalid cache option: ${dstCache}`);
 
     // The fast path: a raw file written as bytes, in any order.
     const rawFast = outFmt === 'raw' && !targetHasBacking;
@@ -328,6 +327,8 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         await created.close();
       }
     }
+    // Checked once the target is created, as qemu-img does (an empty target stays behind).
+    if (dstCache !== undefined && !CACHE_MODES.has(dstCache)) throw new CliError(`Invalid cache option: ${dstCache}`);
     // qemu-img convert writes its target with cache=unsafe unless -t says otherwise: no syncs.
     const unsafeCache = dstCache === undefined || dstCache === 'unsafe';
     if (rawFast) {
@@ -412,6 +413,9 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       }
       throw e;
     }
+    // A raw target is synced at the end unless -t is unsafe (the default), as QEMU flushes it on
+    // close; a qcow2 target's close flushes it (src/qcow2).
+    if (target) await target.flush();
     if (bitmaps) {
       // As qemu-img: the bitmaps are added once the data is copied, then stored as the target closes.
       const tgt = targetImage!;
