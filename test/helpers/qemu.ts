@@ -316,6 +316,18 @@ export async function expectSameBytes(image: Image, file: string, options: SameB
   await checkBlockStatusAgainstBytes(image, ref, label);
 }
 
+const ZEROS = new Uint8Array(64 * 1024);
+
+/** Index of the first non-zero byte, or -1 (64 KiB blocks compared natively, then bytes). */
+export function firstNonZero(b: Uint8Array): number {
+  for (let off = 0; off < b.length; off += ZEROS.length) {
+    const n = Math.min(ZEROS.length, b.length - off);
+    if (Buffer.compare(Buffer.from(b.buffer, b.byteOffset + off, n), Buffer.from(ZEROS.buffer, 0, n)) === 0) continue;
+    for (let i = off; i < off + n; i++) if (b[i] !== 0) return i;
+  }
+  return -1;
+}
+
 /** Block status runs must tile the disk and zero runs (zero && !data) must read as zeros. */
 export async function checkBlockStatusAgainstBytes(image: Image, ref: Uint8Array, label: string): Promise<void> {
   let pos = 0;
@@ -324,7 +336,7 @@ export async function checkBlockStatusAgainstBytes(image: Image, ref: Uint8Array
     if (!(st.length > 0)) throw new Error(`${label}: block status run at ${pos} has length ${st.length}`);
     if (st.zero && !st.data) {
       const slice = ref.subarray(st.offset, st.offset + st.length);
-      const nz = slice.findIndex((b) => b !== 0);
+      const nz = firstNonZero(slice);
       if (nz >= 0) {
         throw new Error(
           `${label}: block status says zero for [${st.offset}, +${st.length}) but QEMU reads ${hex(slice[nz])} at ${st.offset + nz}`,
@@ -368,7 +380,7 @@ export async function expectSameBytesSampled(image: Image, file: string, options
       for (const p of probes) {
         const len = Math.min(4096 + 13, e.start + e.length - p);
         const got = await image.read(p, len);
-        const nz = got.findIndex((b) => b !== 0);
+        const nz = firstNonZero(got);
         if (nz >= 0) throw new Error(`${label}: QEMU maps [${e.start}, +${e.length}) as zero but qimg reads ${hex(got[nz])} at ${p + nz}`);
       }
     }

@@ -1,8 +1,10 @@
 // Property: random write/discard/write-zeroes/truncate sequences leave every backend equal to a
-// plain Uint8Array model, and extents never call a nonzero byte a hole.
+// plain Uint8Array model, and extents never call a nonzero byte a hole. Through checkProperty
+// (test/helpers/property.ts): each backend's seed is printed, QIMG_PROP_SEED=<n> replays it.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
+import { checkProperty } from '../helpers/property.js';
 import { discardRange, storageExtents, writeZeroesRange } from '../../src/sparse/extents.js';
 import { backends, tempDirFixture } from './backends.js';
 
@@ -63,49 +65,47 @@ function patternFor(length: number, seed: number): Uint8Array {
 for (const backend of backends(tmp.dir)) {
   describe(`Storage model: ${backend.name}`, () => {
     it('equals a Uint8Array model after random operation sequences', async () => {
-      await fc.assert(
-        fc.asyncProperty(fc.array(op, { maxLength: 25 }), async (ops) => {
-          const s = await backend.create();
-          const model = new Model();
-          try {
-            for (const o of ops) {
-              let data: Uint8Array | undefined;
-              switch (o.kind) {
-                case 'write':
-                  data = patternFor(o.length, o.seed);
-                  await s.write(data, o.offset);
-                  break;
-                case 'discard':
-                  await discardRange(s, o.offset, o.length);
-                  break;
-                case 'writeZeroes':
-                  await writeZeroesRange(s, o.offset, o.length);
-                  break;
-                case 'truncate':
-                  await s.truncate(o.size);
-                  break;
-              }
-              model.apply(o, data);
+      const runs = backend.name.startsWith('file') ? 60 : 150;
+      await checkProperty({ name: `storage model: ${backend.name}`, runs }, fc.array(op, { maxLength: 25 }), async (ops) => {
+        const s = await backend.create();
+        const model = new Model();
+        try {
+          for (const o of ops) {
+            let data: Uint8Array | undefined;
+            switch (o.kind) {
+              case 'write':
+                data = patternFor(o.length, o.seed);
+                await s.write(data, o.offset);
+                break;
+              case 'discard':
+                await discardRange(s, o.offset, o.length);
+                break;
+              case 'writeZeroes':
+                await writeZeroesRange(s, o.offset, o.length);
+                break;
+              case 'truncate':
+                await s.truncate(o.size);
+                break;
             }
-            const size = await s.size();
-            expect(size).toBe(model.bytes.length);
-            const actual = new Uint8Array(size + 10);
-            expect(await s.read(actual, 0)).toBe(size);
-            expect(Buffer.compare(actual.subarray(0, size), model.bytes)).toBe(0);
-            const ext = await storageExtents(s, 0, size);
-            let pos = 0;
-            for (const e of ext) {
-              expect(e.offset).toBe(pos);
-              if (e.hole) expect(model.bytes.subarray(e.offset, e.offset + e.length).every((b) => b === 0)).toBe(true);
-              pos += e.length;
-            }
-            expect(pos).toBe(size);
-          } finally {
-            await s.close();
+            model.apply(o, data);
           }
-        }),
-        { numRuns: backend.name.startsWith('file') ? 60 : 150 },
-      );
+          const size = await s.size();
+          expect(size).toBe(model.bytes.length);
+          const actual = new Uint8Array(size + 10);
+          expect(await s.read(actual, 0)).toBe(size);
+          expect(Buffer.compare(actual.subarray(0, size), model.bytes)).toBe(0);
+          const ext = await storageExtents(s, 0, size);
+          let pos = 0;
+          for (const e of ext) {
+            expect(e.offset).toBe(pos);
+            if (e.hole) expect(model.bytes.subarray(e.offset, e.offset + e.length).every((b) => b === 0)).toBe(true);
+            pos += e.length;
+          }
+          expect(pos).toBe(size);
+        } finally {
+          await s.close();
+        }
+      });
     });
   });
 }
