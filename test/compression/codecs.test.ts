@@ -238,7 +238,9 @@ describe('zstd in worker threads (the built dist/zstd-worker.js)', () => {
       off += cs[i]!.length + 100;
       expect(Buffer.from(dst).equals(parts[i]!)).toBe(true);
     }
+    // Not detached (transferred to a worker) nor changed.
     expect(big.length).toBe(4 * CLUSTER);
+    expect(big.equals(Buffer.from(makeData('text', 4 * CLUSTER, 11)))).toBe(true);
   });
 
   it('falls back to in-thread when the worker script cannot run', async () => {

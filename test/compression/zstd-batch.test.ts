@@ -123,26 +123,54 @@ describe.each(ENGINES)('ZstdBatchPool (%s)', (engine) => {
     }
   });
 
-  it.skipIf(!haveZstd)('lends this thread when every worker lane is busy (inline), frames in order', async () => {
+  it.skipIf(!haveZstd)('lends this thread when every worker lane is busy (inline): queued jobs taken in order, frames in order', async () => {
     await loadZstdWasm();
     const native = loadZstdNativeCompressor();
     const compress = engine === 'native' ? native!.compress.bind(native) : zstdCompressInto;
-    let inlined = 0;
+    // Distinct data for every job (pattern data is the same whatever the seed), so that a frame
+    // handed to the wrong job cannot pass for its own.
+    const inputs = Array.from({ length: 24 }, (_, i) => makeData(i % 2 ? 'text' : 'mixed', CLUSTER, i + 31));
+    inputs.push(makeData('random', CLUSTER, 5));
+    const index = new Map(inputs.map((d, i) => [d, i]));
+    const inlined: number[] = [];
     const pool = new ZstdBatchPool({
       workerPath, engine, threads: 1, lanes: 1, batchBytes: CLUSTER,
       inline: (dst, src, level) => {
-        inlined++;
+        inlined.push(index.get(src) ?? -1);
         return compress(dst, src, level);
       },
     });
     try {
-      const inputs = Array.from({ length: 24 }, (_, i) => makeData(KINDS[i % KINDS.length]!, CLUSTER, i + 31));
-      inputs.push(makeData('random', CLUSTER, 5));
       const outs = await Promise.all(inputs.map((d) => pool.compress(d, CLUSTER - 1, 3)));
-      expect(inlined).toBeGreaterThan(0);
-      expect(inlined).toBeLessThan(inputs.length);
+      // One worker with one lane: the first job goes to it (a lane is free then), the next ones
+      // wait for it, and this thread takes some of them meanwhile, always the oldest queued job.
+      expect(inlined.length, 'jobs compressed in this thread').toBeGreaterThan(0);
+      expect(inlined[0], 'the first job went to the worker').toBeGreaterThan(0);
+      expect(inlined.every((k, i) => i === 0 || k > inlined[i - 1]!), `queue order: ${inlined.join(',')}`).toBe(true);
       expect(outs[inputs.length - 1]).toBeNull();
       outs.slice(0, -1).forEach((frame, i) => expect(zstdCli(frame!).equals(Buffer.from(inputs[i]!)), `input ${i}`).toBe(true));
+    } finally {
+      await pool.close();
+    }
+  });
+
+  it.skipIf(!haveZstd)('keeps this thread out while a worker lane is free', async () => {
+    await loadZstdWasm();
+    let inlined = 0;
+    const pool = new ZstdBatchPool({
+      workerPath, engine, threads: 1, lanes: 2, batchBytes: CLUSTER,
+      inline: (dst, src, level) => {
+        inlined++;
+        return zstdCompressInto(dst, src, level);
+      },
+    });
+    try {
+      // One cluster per batch: two jobs fill the worker's two lanes exactly.
+      const inputs = [1, 2].map((i) => makeData('text', CLUSTER, i));
+      const outs = await Promise.all(inputs.map((d) => pool.compress(d, CLUSTER - 1, 3)));
+      expect(inlined).toBe(0);
+      expect(pool.size).toBe(1);
+      outs.forEach((frame, i) => expect(zstdCli(frame!).equals(Buffer.from(inputs[i]!)), `input ${i}`).toBe(true));
     } finally {
       await pool.close();
     }

@@ -13,15 +13,17 @@ afterAll(() => rmSync(root, { recursive: true, force: true }));
 const dirs = { qemu: join(root, 'qemu'), ours: join(root, 'qimg') };
 
 beforeAll(async () => {
-  for (const d of Object.values(dirs)) {
-    mkdirSync(d);
-    await qemuImgOk(['create', '-q', '-f', 'qcow2', 's.qcow2', '8M'], d);
-    await qemuIoOk('s.qcow2', 'qcow2', ['write -P 0x11 0 64k', 'write -P 0x22 4M 64k'], d);
-    await qemuImgOk(['snapshot', '-c', 's1', 's.qcow2'], d);
-    await qemuImgOk(['create', '-q', '-f', 'raw', 's.raw', '8M'], d);
-    await qemuImgOk(['create', '-q', '-f', 'qcow2', 'small.qcow2', '1M'], d);
-    await qemuImgOk(['create', '-q', '-f', 'raw', 'small.raw', '1M'], d);
-  }
+  await Promise.all(
+    Object.values(dirs).map(async (d) => {
+      mkdirSync(d);
+      await qemuImgOk(['create', '-q', '-f', 'qcow2', 's.qcow2', '8M'], d);
+      await qemuIoOk('s.qcow2', 'qcow2', ['write -P 0x11 0 64k', 'write -P 0x22 4M 64k'], d);
+      await qemuImgOk(['snapshot', '-c', 's1', 's.qcow2'], d);
+      await qemuImgOk(['create', '-q', '-f', 'raw', 's.raw', '8M'], d);
+      await qemuImgOk(['create', '-q', '-f', 'qcow2', 'small.qcow2', '1M'], d);
+      await qemuImgOk(['create', '-q', '-f', 'raw', 'small.raw', '1M'], d);
+    }),
+  );
 });
 
 /**
@@ -58,8 +60,8 @@ describe('qimg convert errors match qemu-img', () => {
     const rename = (f: string): string => (f.startsWith('o.') ? `o${i}.${f.slice(2)}` : f);
     return [n, a.map(rename), rename(t)] as [string, string[], string];
   }))('%s', async (_name, args, target) => {
-    const q = await qemuImg(['convert', ...args], dirs.qemu);
-    const o = await qimg(['convert', ...args], dirs.ours);
+    // Each in its own directory: independent, so run together.
+    const [q, o] = await Promise.all([qemuImg(['convert', ...args], dirs.qemu), qimg(['convert', ...args], dirs.ours)]);
     expect(q.code, `qemu-img itself: ${q.stderr}`).not.toBe(0);
     expect({ code: o.code, stderr: o.stderr, stdout: o.stdout }).toEqual({ code: q.code, stderr: asQimg(q.stderr), stdout: q.stdout });
     expect(existsSync(join(dirs.ours, target)), `${target} left behind`).toBe(existsSync(join(dirs.qemu, target)));
