@@ -1,34 +1,20 @@
-// qimg check against qemu-img check on the same files: clean images of many layouts (statistics,
-// image end offset, JSON), deliberately broken ones (messages, summaries, exit codes), repairs
-// (-r leaks / -r all: same output, qemu-img clean afterwards, same guest data, and the repaired
+// qimg check against qemu-img check on the same files, through the real command line (the bundled
+// src/cli/bin.ts, so main.ts's dispatch and its -q handling are what runs): clean images of many
+// layouts (statistics, image end offset, JSON), deliberately broken ones (messages, summaries,
+// exit codes, and the same with -q), repairs (-r leaks / -r all: same output, and the repaired
 // file byte-identical to the one qemu-img repairs), and the library's rebuildRefcounts on a
 // lazy-refcount image killed mid-write.
 
 import { execFile } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { build } from 'esbuild';
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { qimg } from '../cli/harness.js';
 import { qemuImg, qemuIo, referenceRaw, run, tmpDir } from '../helpers/qemu.js';
 import { FileStorage } from '../../src/io/file.js';
 import { checkQcow2, rebuildRefcounts } from '../../src/qcow2/check.js';
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const dir = tmpDir('qimg-check-');
-let cli = '';
-
-beforeAll(async () => {
-  // Bundled under node_modules so that koffi (punch-hole discard) resolves as in the real CLI.
-  const outdir = join(ROOT, 'node_modules', '.cache', `qimg-check-test-${process.pid}`);
-  mkdirSync(outdir, { recursive: true });
-  afterAll(() => rmSync(outdir, { recursive: true, force: true }));
-  await build({
-    entryPoints: { check: join(ROOT, 'test/check/check-main.ts') },
-    outdir, bundle: true, format: 'esm', platform: 'node', target: 'node20', packages: 'external', logLevel: 'error',
-  });
-  cli = join(outdir, 'check.js');
-});
 
 interface Out { code: number; stdout: string; stderr: string }
 
@@ -41,14 +27,15 @@ function execIn(cmd: string, args: string[], cwd: string): Promise<Out> {
   });
 }
 
-const qimgCheck = (args: string[], cwd: string): Promise<Out> => execIn(process.execPath, [cli, ...args], cwd);
+/** `qimg check <args>` through the real CLI. */
+const qimgCheck = (args: string[], cwd: string): Promise<Out> => qimg(['check', ...args], cwd);
 const qemuCheck = async (args: string[], cwd: string): Promise<Out> => {
   const r = await execIn('qemu-img', ['check', ...args], cwd);
   return { ...r, stderr: r.stderr.replace(/^qemu-img: /gm, 'qimg: ') };
 };
 
 let seq = 0;
-/** A fresh directory holding `img` copied as x.qcow2 (the same name for both tools: JSON prints it). */
+/** A fresh directory holding `img` copied as x.qcow2 (for repairs: each tool gets its own copy of one name, which JSON prints). */
 function copyTo(img: string, tag: string): string {
   const d = join(dir, `${tag}-${seq++}`);
   mkdirSync(d);
@@ -86,8 +73,20 @@ function geometry(b: Buffer) {
   const rto = u64(b, 48);
   const l1o = u64(b, 40);
   const epb = (cs * 8) / bits;
+  /** Byte (and, under 8 bits, bit shift) of cluster k's refcount. */
+  const where = (k: number): { at: number; sh: number } => {
+    const rb = u64(b, rto + 8 * Math.floor(k / epb)) & ~0x1ff;
+    const i = k % epb;
+    if (bits >= 8) return { at: rb + (i * bits) / 8, sh: 0 };
+    const per = 8 / bits;
+    return { at: rb + Math.floor(i / per), sh: (i % per) * bits };
+  };
   return {
     cs, rto, l1o,
+    refcount(k: number): number {
+      const { at, sh } = where(k);
+      return bits >= 8 ? b.readUIntBE(at, Math.min(bits / 8, 6)) : (b[at]! >> sh) & ((1 << bits) - 1);
+    },
     setRefcount(k: number, v: number): void {
       const rb = u64(b, rto + 8 * Math.floor(k / epb)) & ~0x1ff;
       const i = k % epb;
@@ -109,7 +108,14 @@ function geometry(b: Buffer) {
 const breakages: Record<string, (b: Buffer, g: ReturnType<typeof geometry>) => void> = {
   'leak (refcount 2 on a data cluster)': (_b, g) => g.setRefcount(5, 2),
   'refcount of a used cluster zeroed': (_b, g) => g.setRefcount(6, 0),
-  'refcount of a free cluster set (leak)': (b, g) => g.setRefcount(Math.floor(b.length / g.cs) - 1, 1),
+  // A cluster inside the file that the base image's discard freed (past the end of the file,
+  // qemu-img check does not look at refcounts).
+  'refcount of a free cluster set (leak)': (b, g) => {
+    let k = 0;
+    while (k < b.length / g.cs && g.refcount(k) !== 0) k++;
+    if (k >= b.length / g.cs) throw new Error('no free cluster inside the file');
+    g.setRefcount(k, 1);
+  },
   'COPIED cleared on an L2 entry': (b, g) => b.writeBigUInt64BE(b.readBigUInt64BE(g.l2()) & ~(1n << 63n), g.l2()),
   'COPIED cleared on an L1 entry': (b, g) => b.writeBigUInt64BE(b.readBigUInt64BE(g.l1o) & ~(1n << 63n), g.l1o),
   'dirty bit with stale refcounts': (b, g) => {
@@ -117,13 +123,12 @@ const breakages: Record<string, (b: Buffer, g: ReturnType<typeof geometry>) => v
     g.setRefcount(70, 1);
     b.writeBigUInt64BE(b.readBigUInt64BE(72) | 1n, 72);
   },
-  'refcount table entry unaligned': (_b, g) => g.setRefcount(0, 1), // replaced below
+  'refcount table entry unaligned': (b, g) => b.writeBigUInt64BE(0x10001n, g.rto),
   'L2 entry past the end of the file': (b, g) => b.writeBigUInt64BE(0x8000000000f00000n, g.l2() + 8 * 100),
   'unaligned preallocated zero cluster': (b, g) => b.writeBigUInt64BE(0x0000000000050201n, g.l2() + 8 * 101),
   'unaligned data cluster': (b, g) => b.writeBigUInt64BE(0x0000000000050200n, g.l2() + 8 * 102),
   'L1 entry with reserved bits': (b, g) => b.writeBigUInt64BE(b.readBigUInt64BE(g.l1o) | 0x1n, g.l1o),
 };
-breakages['refcount table entry unaligned'] = (b, g) => b.writeBigUInt64BE(0x10001n, g.rto);
 
 // ---- clean images ------------------------------------------------------------------------------
 
@@ -201,42 +206,99 @@ describe('clean images: qimg check prints what qemu-img check prints', () => {
   });
 });
 
+/** Both tools check the same file (read-only, so side by side), named relative to `dir`. */
 async function expectSameCheck(file: string, args: string[]): Promise<Out> {
-  const d = copyTo(file, 'ro');
-  const [q, m] = await Promise.all([qemuCheck([...args, 'x.qcow2'], d), qimgCheck([...args, 'x.qcow2'], d)]);
-  expect(m).toEqual(q);
+  const name = relative(dir, file);
+  const [q, m] = await Promise.all([qemuCheck([...args, name], dir), qimgCheck([...args, name], dir)]);
+  expect(m, `check ${args.join(' ')} ${name}`).toEqual(q);
   return m;
 }
 
 // ---- broken images and repairs -----------------------------------------------------------------
 
-describe('broken images: same findings, same repairs as qemu-img', () => {
-  let base = '';
-  beforeAll(async () => {
-    base = await make('broken-base.qcow2', [], ['write -P 1 0 3M', 'write -P 2 10M 1M']);
-  });
+/**
+ * The image every breakage patches (made once, small: each case copies it six times): header,
+ * reftable, refblock, L1, L2 in clusters 0-4, data from cluster 5 on, and a freed cluster inside
+ * the file.
+ */
+let brokenBase: Promise<string> | undefined;
+const getBrokenBase = (): Promise<string> =>
+  (brokenBase ??= make('broken-base.qcow2', [], ['write -P 1 0 1M', 'write -P 2 10M 256k', 'discard 10M 64k']));
 
+describe('broken images: same findings, same repairs as qemu-img', () => {
   it.concurrent.each(Object.keys(breakages))('%s', async (name) => {
     const broken = join(dir, `broken-${name.replace(/\W/g, '_')}.qcow2`);
-    copyFileSync(base, broken);
+    copyFileSync(await getBrokenBase(), broken);
     patch(broken, breakages[name]!);
-    const before = await referenceRaw(broken).catch(() => null);
-    await expectSameCheck(broken, []);
-    await expectSameCheck(broken, ['--output=json']);
-    for (const mode of ['leaks', 'all']) {
-      const dq = copyTo(broken, 'rq');
-      const dm = copyTo(broken, 'rm');
-      const [q, m] = await Promise.all([
-        qemuCheck(['-r', mode, 'x.qcow2'], dq),
-        qimgCheck(['-r', mode, 'x.qcow2'], dm),
-      ]);
-      expect(m, `-r ${mode}`).toEqual(q);
-      // The repaired files are the same bytes (rebuilt refcount structures included).
-      expect(readFileSync(join(dm, 'x.qcow2')).equals(readFileSync(join(dq, 'x.qcow2'))), `-r ${mode} bytes`).toBe(true);
-      const after = await qemuCheck(['x.qcow2'], dm);
-      if (mode === 'all' && q.code === 0) expect(after.code).toBe(0);
-      if (before) expect((await referenceRaw(join(dm, 'x.qcow2'))).equals(before)).toBe(true);
-    }
+    const [human] = await Promise.all([expectSameCheck(broken, []), expectSameCheck(broken, ['--output=json'])]);
+    // The patch did break something (an image qemu-img finds clean would compare nothing broken).
+    expect(human.code, human.stdout).not.toBe(0);
+    await Promise.all(
+      ['leaks', 'all'].map(async (mode) => {
+        const dq = copyTo(broken, 'rq');
+        const dm = copyTo(broken, 'rm');
+        const [q, m] = await Promise.all([
+          qemuCheck(['-r', mode, 'x.qcow2'], dq),
+          qimgCheck(['-r', mode, 'x.qcow2'], dm),
+        ]);
+        expect(m, `-r ${mode}`).toEqual(q);
+        // The repaired files are the same bytes (rebuilt refcount structures included): so the
+        // guest data and what qemu-img check says after qimg's repair are what they are after
+        // QEMU's, with no need to look again.
+        expect(readFileSync(join(dm, 'x.qcow2')).equals(readFileSync(join(dq, 'x.qcow2'))), `-r ${mode} bytes`).toBe(true);
+      }),
+    );
+  });
+});
+
+// ---- -q ---------------------------------------------------------------------------------------
+
+describe.concurrent('check -q: the exit code says it, the output is what qemu-img check -q prints', () => {
+  /** Checks a copy of base patched by `breakage` with -q (and -q -r leaks), both tools; returns qimg's results. */
+  async function quiet(tag: string, breakage?: string): Promise<{ check: Out; repair: Out }> {
+    const file = join(dir, `q-${tag}.qcow2`);
+    copyFileSync(await getBrokenBase(), file);
+    if (breakage) patch(file, breakages[breakage]!);
+    const check = await expectSameCheck(file, ['-q']);
+    const dq = copyTo(file, 'qq');
+    const dm = copyTo(file, 'qm');
+    const [q, m] = await Promise.all([qemuCheck(['-q', '-r', 'leaks', 'x.qcow2'], dq), qimgCheck(['-q', '-r', 'leaks', 'x.qcow2'], dm)]);
+    expect(m, '-q -r leaks').toEqual(q);
+    return { check, repair: m };
+  }
+
+  it('clean: exit 0, nothing printed', async () => {
+    const { check, repair } = await quiet('clean');
+    expect(check).toEqual({ code: 0, stdout: '', stderr: '' });
+    expect(repair).toEqual({ code: 0, stdout: '', stderr: '' });
+  });
+
+  it('leaked clusters: exit 3, only the leak on stderr; -q -r leaks repairs them', async () => {
+    const { check, repair } = await quiet('leak', 'refcount of a free cluster set (leak)');
+    expect(check.code).toBe(3);
+    expect(check.stdout).toBe('');
+    expect(check.stderr).toMatch(/^Leaked cluster \d+ refcount=1 reference=0\n$/);
+    expect(repair.code).toBe(0);
+    expect(repair.stdout).toBe('');
+    expect(repair.stderr).toMatch(/^Leaked cluster (\d+) refcount=1 reference=0\nRepairing cluster \1 refcount=1 reference=0\n$/);
+  });
+
+  it('corruption: exit 2, the ERROR lines still on stderr', async () => {
+    const { check, repair } = await quiet('corrupt', 'refcount of a used cluster zeroed');
+    expect(check.code).toBe(2);
+    expect(check.stdout).toBe('');
+    expect(check.stderr).toMatch(/^ERROR cluster 6 refcount=0 reference=1$/m);
+    // -r leaks does not repair corruption: the check fails.
+    expect(repair.code).toBe(1);
+    expect(repair.stderr).toMatch(/\nqimg: Check failed: Input\/output error\n$/);
+  });
+
+  it('raw image: exit 63 and its message', async () => {
+    const file = join(dir, 'q-plain.raw');
+    writeFileSync(file, Buffer.alloc(65536));
+    const r = await expectSameCheck(file, ['-q', '-f', 'raw']);
+    expect(r.code).toBe(63);
+    expect(r.stderr).toBe('qimg: This image format does not support checks\n');
   });
 });
 

@@ -1,6 +1,7 @@
 // Child process of the crash test (bundled with esbuild, run with node): opens a qcow2 image
-// writable and applies crashOps(seed) forever until it is killed. It logs to a side file, with
-// synchronous writes (they survive SIGKILL):
+// writable and applies crashOps(seed) forever until it is killed (with compressed writes where the
+// image's header allows them: see CrashDisk). It logs to a side file, with synchronous writes
+// (they survive SIGKILL):
 //   R            the image is open
 //   S <k>        op k is about to start
 //   F <n>        a flush returned: ops 0..n-1 are durable
@@ -12,7 +13,7 @@
 import { spawn } from 'node:child_process';
 import { mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { openWritable, runOp, type WritableImage } from '../helpers/model.js';
-import { crashOps } from './ops.js';
+import { crashOps, readCrashDisk } from './ops.js';
 
 const [image, log, seed, virtualSize, clusterSize, engine = 'qimg'] = process.argv.slice(2);
 const fd = openSync(log!, 'a');
@@ -44,13 +45,21 @@ async function qemuIoImage(file: string): Promise<WritableImage> {
   const send = (cmd: string): void => {
     q.stdin.write(`${cmd}\n`);
   };
-  const barrier = (): Promise<void> => {
+  // qemu-io reads one command per wake-up of its event loop: lines that arrived together wait in
+  // its input buffer until more input comes. While waiting for an answer, empty lines (no-ops)
+  // keep it reading.
+  const barrier = async (): Promise<void> => {
     send('length');
     const n = ++asked;
-    return new Promise((resolve, reject) => {
-      waiting = { n, resolve, reject };
-      if (answers >= n) resolve();
-    });
+    const poke = setInterval(() => q.stdin.write('\n'), 10);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        waiting = { n, resolve, reject };
+        if (answers >= n) resolve();
+      });
+    } finally {
+      clearInterval(poke);
+    }
   };
   let k = 0;
   const data = (d: Uint8Array): string => {
@@ -69,7 +78,10 @@ async function qemuIoImage(file: string): Promise<WritableImage> {
     },
     writeZeroes: async (off, len, o) => send(`write -z${o?.mayUnmap ? ' -u' : ''} ${off} ${len}`),
     discard: async (off, len) => send(`discard ${off} ${len}`),
-    writeCompressed: async (off, d) => send(`write -c -s ${data(d)} ${off} ${d.length}`),
+    writeCompressed: async (off, d) => {
+      send(`write -c -s ${data(d)} ${off} ${d.length}`);
+      if (k % 32 === 0) await barrier();
+    },
     flush: async () => {
       send('flush');
       await barrier();
@@ -81,11 +93,15 @@ async function qemuIoImage(file: string): Promise<WritableImage> {
 }
 
 try {
+  const disk = readCrashDisk(image!);
+  if (disk.virtualSize !== Number(virtualSize) || disk.clusterSize !== Number(clusterSize)) {
+    throw new Error(`the image is ${disk.virtualSize} bytes in ${disk.clusterSize}-byte clusters, expected ${virtualSize} in ${clusterSize}`);
+  }
   const img = engine === 'qemu-io' ? await qemuIoImage(image!) : await openWritable(image!, { format: 'qcow2' });
   if (img.virtualSize !== Number(virtualSize)) throw new Error(`virtual size ${img.virtualSize}, expected ${virtualSize}`);
   say('R');
   let k = 0;
-  for (const op of crashOps(Number(seed), { virtualSize: Number(virtualSize), clusterSize: Number(clusterSize) })) {
+  for (const op of crashOps(Number(seed), disk)) {
     say(`S ${k}`);
     await runOp(img, op);
     k++;
