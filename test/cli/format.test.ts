@@ -1,7 +1,7 @@
 // The printf-exact formatting the CLI relies on: size_to_str, %g/%f rounding, QDict order,
 // QEMU's JSON quoting, the snapshot table, the getopt parser.
 
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, onTestFinished } from 'vitest';
 import fc from 'fast-check';
 import { altHex, formatFixed, formatG, sizeToStr } from '../../src/cli/cformat.js';
 import { QDict, dumpHuman, quoteJson, tdbHash, toJsonPretty } from '../../src/cli/qobject.js';
@@ -68,8 +68,10 @@ describe('QDict order and printing', () => {
     expect(tdbHash('')).toBe(12345);
   });
   it('JSON pretty printing with empty containers', () => {
+    // QEMU's pretty JSON opens and closes an empty list or dict on two lines (e.g. the "flags"
+    // of a disabled bitmap in `qemu-img info --output=json`).
     const d = new QDict().put('a', []).put('b', new QDict()).put('c', [1, 'x']);
-    expect(toJsonPretty(d)).toMatchSnapshot();
+    expect(toJsonPretty(d)).toBe('{\n    "a": [\n    ],\n    "b": {\n    },\n    "c": [\n        1,\n        "x"\n    ]\n}');
   });
   it('quotes as QEMU does', () => {
     expect(quoteJson('a"b\\c\n\t\u0001\u007f')).toBe('"a\\"b\\\\c\\n\\t\\u0001\\u007F"');
@@ -77,14 +79,22 @@ describe('QDict order and printing', () => {
     expect(quoteJson('\uFFFF\uD800')).toBe('"\\uFFFD\\uFFFD"');
   });
   it('human dump', () => {
+    // As `qemu-img info` prints "Format specific information" (keys with spaces, list items as [i]).
     const d = new QDict().put('refcount-bits', 16).put('bitmaps', [new QDict().put('name', 'b').put('flags', ['auto'])]);
-    expect(dumpHuman(d, 1)).toMatchSnapshot();
+    expect(dumpHuman(d, 1)).toBe(
+      '    bitmaps:\n        [0]:\n            flags:\n                [0]: auto\n            name: b\n    refcount bits: 16\n',
+    );
   });
 });
 
 describe('snapshot table', () => {
   it('pads in bytes, prints vm state, clock and icount', () => {
+    const tz = process.env.TZ;
     process.env.TZ = 'UTC';
+    onTestFinished(() => {
+      if (tz === undefined) delete process.env.TZ;
+      else process.env.TZ = tz;
+    });
     expect(snapshotHeader()).toBe('ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT');
     const row = snapshotRow({
       id: '12', name: 'ä', vmStateSize: 1536 * 1024, dateSec: 1700000000, dateNsec: 5,

@@ -4,7 +4,7 @@
 // itself (qemu-nbd exports the bitmap, `qemu-img map` over NBD with x-dirty-bitmap shows its dirty
 // ranges), compared with what qemu-img's own target holds.
 
-import { copyFileSync, existsSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { asQimg, qemuImg, qemuImgOk, qemuIoOk, qimg } from '../cli/harness.js';
@@ -28,20 +28,45 @@ async function checkClean(file: string): Promise<void> {
 }
 
 let sockN = 0;
-/** The bitmap's dirty ranges as QEMU reads them: qemu-nbd exports it, qemu-img map shows dirty as data:false. */
+/**
+ * The bitmap's dirty ranges as QEMU reads them: qemu-nbd exports the image with the bitmap (on a
+ * unix socket in the test's directory, never a TCP port), and qemu-img map over NBD with
+ * x-dirty-bitmap shows the dirty ranges as data:false. qemu-nbd --fork returns once it listens; it
+ * would exit after its one client, and is killed in any case.
+ */
 async function dirtyRanges(file: string, bitmap: string): Promise<string> {
-  const sock = join(dir, `s${sockN++}`);
-  const nbd = await run('qemu-nbd', ['-r', '-f', 'qcow2', '-B', bitmap, '-k', sock, '--fork', join(dir, file)]);
-  expect(nbd.code, nbd.stderr).toBe(0);
-  const m = await qemuImg(
-    ['map', '--output=json', '--image-opts', `driver=nbd,server.type=unix,server.path=${sock},x-dirty-bitmap=qemu:dirty-bitmap:${bitmap}`],
-    dir,
-  );
-  expect(m.code, m.stderr).toBe(0);
-  return (JSON.parse(m.stdout) as { start: number; length: number; data: boolean }[])
-    .filter((r) => !r.data)
-    .map((r) => `${r.start}+${r.length}`)
-    .join(' ');
+  const n = sockN++;
+  const sock = join(dir, `s${n}`);
+  const pidFile = join(dir, `s${n}.pid`);
+  try {
+    const nbd = await run('qemu-nbd', ['-r', '-f', 'qcow2', '-B', bitmap, '-x', 'exp', '-k', sock, '--pid-file', pidFile, '--fork', join(dir, file)]);
+    expect(nbd.code, nbd.stderr).toBe(0);
+    const m = await qemuImg(
+      ['map', '--output=json', '--image-opts', `driver=nbd,server.type=unix,server.path=${sock},export=exp,x-dirty-bitmap=qemu:dirty-bitmap:${bitmap}`],
+      dir,
+    );
+    expect(m.code, m.stderr).toBe(0);
+    return (JSON.parse(m.stdout) as { start: number; length: number; data: boolean }[])
+      .filter((r) => !r.data)
+      .map((r) => `${r.start}+${r.length}`)
+      .join(' ');
+  } finally {
+    stopNbd(pidFile, sock);
+    rmSync(sock, { force: true });
+  }
+}
+
+/** Stops the qemu-nbd of pidFile if it still runs (the pid is checked to be that qemu-nbd: it may have exited and the pid been reused). */
+function stopNbd(pidFile: string, sock: string): void {
+  if (!existsSync(pidFile)) return;
+  const pid = Number(readFileSync(pidFile, 'utf8').trim());
+  rmSync(pidFile, { force: true });
+  try {
+    const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    if (pid > 0 && cmdline[0]?.endsWith('qemu-nbd') && cmdline.includes(sock)) process.kill(pid, 'SIGTERM');
+  } catch {
+    // Already gone: it exits when its client disconnects.
+  }
 }
 
 /** Sets the in_use flag of the named bitmaps directly in the directory (as a crash of QEMU leaves it). */
@@ -144,17 +169,17 @@ describe('qimg convert --bitmaps matches qemu-img', () => {
       await c.prepare(join(dir, ours));
       copyFileSync(join(dir, ours), join(dir, theirs));
     }
-    const q = await qemuImg(['convert', ...c.args, c.source, theirs], dir);
-    const r = await qimg(['convert', ...c.args, c.source, ours], dir);
+    // Independent files: both tools run at once, and so do QEMU's looks at the results.
+    const [q, r] = await Promise.all([qemuImg(['convert', ...c.args, c.source, theirs], dir), qimg(['convert', ...c.args, c.source, ours], dir)]);
     expect({ code: r.code, stdout: r.stdout, stderr: r.stderr }).toEqual({ code: q.code, stdout: q.stdout, stderr: asQimg(q.stderr) });
-    const list = await bitmapsOf(theirs);
-    expect(await bitmapsOf(ours)).toEqual(list);
-    await checkClean(ours);
-    const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'qcow2', ours, theirs], dir);
+    const [list, ourList, cmp] = await Promise.all([
+      bitmapsOf(theirs), bitmapsOf(ours), qemuImg(['compare', '-f', 'qcow2', '-F', 'qcow2', ours, theirs], dir), checkClean(ours),
+    ]);
+    expect(ourList).toEqual(list);
     expect(cmp.stdout).toBe('Images are identical.\n');
-    for (const { name } of (list ?? []) as { name: string }[]) {
-      expect(await dirtyRanges(ours, name), `bitmap ${name}`).toBe(await dirtyRanges(theirs, name));
-    }
+    const names = ((list ?? []) as { name: string }[]).map((b) => b.name);
+    const [got, want] = await Promise.all([ours, theirs].map((f) => Promise.all(names.map((name) => dirtyRanges(f, name)))));
+    expect(Object.fromEntries(names.map((name, k) => [name, got![k]]))).toEqual(Object.fromEntries(names.map((name, k) => [name, want![k]])));
   });
 
   it('the copied bitmaps keep tracking writes in QEMU', async () => {
@@ -164,9 +189,12 @@ describe('qimg convert --bitmaps matches qemu-img', () => {
     const q = await qemuImg(['convert', '-O', 'qcow2', '--bitmaps', 'src.qcow2', 'track-q.qcow2'], dir);
     expect(q.code).toBe(0);
     for (const f of ['track.qcow2', 'track-q.qcow2']) await qemuIoOk(f, 'qcow2', ['write -P 9 2M 64k'], dir);
-    for (const name of ['b1', 'b2', 'fine']) {
-      expect(await dirtyRanges('track.qcow2', name)).toBe(await dirtyRanges('track-q.qcow2', name));
-    }
+    const names = ['b1', 'b2', 'fine'];
+    const [got, want] = await Promise.all(['track.qcow2', 'track-q.qcow2'].map((f) => Promise.all(names.map((name) => dirtyRanges(f, name)))));
+    expect(got).toEqual(want);
+    // The write at 2M is in the enabled bitmaps only (b2 was disabled in the source).
+    expect(got![0]).toMatch(/(^| )2097152\+/);
+    expect(got![1]).not.toMatch(/(^| )2097152\+/);
     await checkClean('track.qcow2');
   });
 });

@@ -2,13 +2,17 @@
 // sparse detection), compressed source clusters make both give up offloading from that request on.
 // Each target must be `qemu-img compare` identical to qemu-img's and, where the source's block
 // status does not depend on the file system probe, laid out the same (`qemu-img map`). Run with
-// the native copy_file_range and with QIMG_NO_NATIVE=1 (read + write fallback).
+// the native copy_file_range and with QIMG_NO_NATIVE=1 (read + write fallback); which of the two
+// ran is seen with strace where it can trace.
 
-import { writeFileSync, truncateSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { readFileSync, writeFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { asQimg, qemuImg, qemuImgOk, qemuIoOk, qimg } from '../cli/harness.js';
-import { prng, tmpDir } from '../helpers/qemu.js';
+import { bundles } from '../helpers/bundle.js';
+import { loadNative } from '../../src/io/native.js';
+import { prng, run, tmpDir } from '../helpers/qemu.js';
 
 const dir = tmpDir('qimg-cpr-');
 
@@ -47,19 +51,22 @@ describe('qimg convert -C matches qemu-img -C', () => {
     async (_n, src, out, noNative, i) => {
       const theirs = `theirs-${i}.${out}`;
       const ours = `ours-${i}.${out}`;
-      const q = await qemuImg(['convert', '-C', '-O', out, src, theirs], dir);
-      const r = await qimg(['convert', '-C', '-O', out, src, ours], dir, noNative ? { QIMG_NO_NATIVE: '1' } : {});
+      // Independent files: both tools at once, then QEMU's looks at the results at once.
+      const [q, r] = await Promise.all([
+        qemuImg(['convert', '-C', '-O', out, src, theirs], dir),
+        qimg(['convert', '-C', '-O', out, src, ours], dir, noNative ? { QIMG_NO_NATIVE: '1' } : {}),
+      ]);
       expect(q.code, q.stderr).toBe(0);
       expect({ code: r.code, stdout: r.stdout, stderr: r.stderr }).toEqual({ code: 0, stdout: q.stdout, stderr: '' });
-      const cmp = await qemuImg(['compare', '-f', out, '-F', out, ours, theirs], dir);
+      const [cmp, mo, mt, chk] = await Promise.all([
+        qemuImg(['compare', '-f', out, '-F', out, ours, theirs], dir), map(ours, out), map(theirs, out),
+        out === 'qcow2' ? qemuImg(['check', ours], dir) : null,
+      ]);
       expect(cmp.stdout).toBe('Images are identical.\n');
       // Without SEEK_DATA a raw source's block status comes from a zero scan (zero blocks read as
       // holes), so which ranges are data requests differs there by design; qcow2 sources do not.
-      if (!(noNative && fmtOf(src) === 'raw')) expect(await map(ours, out)).toBe(await map(theirs, out));
-      if (out === 'qcow2') {
-        const chk = await qemuImg(['check', ours], dir);
-        expect(chk.code, chk.stdout).toBe(0);
-      }
+      if (!(noNative && fmtOf(src) === 'raw')) expect(mo).toBe(mt);
+      if (chk) expect(chk.code, chk.stdout).toBe(0);
     },
   );
 
@@ -79,5 +86,37 @@ describe('qimg convert -C matches qemu-img -C', () => {
     const r = await qimg(['convert', ...args], dir);
     expect({ code: r.code, stdout: r.stdout, stderr: r.stderr }).toEqual({ code: q.code, stdout: q.stdout, stderr: asQimg(q.stderr) });
     expect(q.code).toBe(1);
+  });
+});
+
+/** strace can trace children here (it may be missing, or ptrace forbidden in a container). */
+function canStrace(): boolean {
+  try {
+    execFileSync('strace', ['-f', '-qq', '-e', 'trace=copy_file_range', '-o', '/dev/null', 'true'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe.runIf(canStrace() && loadNative() !== null)('-C copies in the kernel (strace)', () => {
+  /** copy_file_range calls the command makes. */
+  async function copies(cmd: string, args: string[], log: string, env: Record<string, string> = {}): Promise<number> {
+    const envArgs = Object.entries(env).flatMap(([k, v]) => ['-E', `${k}=${v}`]);
+    const r = await run('strace', ['-f', '-qq', ...envArgs, '-e', 'trace=copy_file_range', '-o', join(dir, log), cmd, ...args], { cwd: dir });
+    expect(r.code, r.stderr).toBe(0);
+    return readFileSync(join(dir, log), 'utf8').split('\n').filter((l) => /copy_file_range\(/.test(l)).length;
+  }
+  it('natively with copy_file_range as qemu-img, and without it under QIMG_NO_NATIVE=1', async () => {
+    const cli = bundles().cli;
+    const [q, native, fallback] = await Promise.all([
+      copies('qemu-img', ['convert', '-C', '-O', 'raw', 'data.qcow2', 'st-q.raw'], 'st-q.log'),
+      copies(process.execPath, [cli, 'convert', '-C', '-O', 'raw', 'data.qcow2', 'st-n.raw'], 'st-n.log'),
+      copies(process.execPath, [cli, 'convert', '-C', '-O', 'raw', 'data.qcow2', 'st-f.raw'], 'st-f.log', { QIMG_NO_NATIVE: '1' }),
+    ]);
+    expect({ qemu: q > 0, native: native > 0, fallback }).toEqual({ qemu: true, native: true, fallback: 0 });
+    for (const f of ['st-n.raw', 'st-f.raw']) {
+      expect((await qemuImg(['compare', '-f', 'raw', '-F', 'raw', f, 'st-q.raw'], dir)).stdout).toBe('Images are identical.\n');
+    }
   });
 });

@@ -108,6 +108,10 @@ for (const backend of backends(tmp.dir)) {
         await ro.close();
         await s.close();
         await expect(s.read(new Uint8Array(1), 0)).rejects.toBeInstanceOf(IoError);
+        await expect(s.write(new Uint8Array(1), 0)).rejects.toBeInstanceOf(IoError);
+        await expect(s.size()).rejects.toBeInstanceOf(IoError);
+        await expect(s.truncate(0)).rejects.toBeInstanceOf(IoError);
+        await expect(s.flush()).rejects.toBeInstanceOf(IoError);
       });
     });
 

@@ -8,6 +8,7 @@ import { MemoryStorage } from '../../src/io/memory.js';
 import type { Storage } from '../../src/io/storage.js';
 import { IoError, QimgError } from '../../src/errors.js';
 import { tempDirFixture } from './backends.js';
+import { qemuImg } from '../helpers/qemu.js';
 
 const tmp = tempDirFixture();
 beforeAll(tmp.setup);
@@ -28,6 +29,21 @@ describe('resolveRelativeName follows QEMU path_combine', () => {
     expect(fileGate.resolveName!(name, typeof rel === 'string' ? undefined : rel)).toBe(
       typeof rel === 'string' ? name : expected,
     );
+  });
+});
+
+describe('resolveRelativeName names the backing file QEMU names', () => {
+  // qemu-img info's full-backing-filename for images written with these backing names, opened by
+  // an absolute and by a relative path: the same string qimg resolves to (no normalisation).
+  it.each(['base.qcow2', '../b/base.qcow2', './sub/../base.qcow2', 'sub/base.qcow2', '/abs/base.qcow2'])('%s', async (name) => {
+    const root = join(tmp.dir(), 'pc');
+    await mkdir(join(root, 'vm'), { recursive: true });
+    const file = `top-${name.replace(/\W/g, '_')}.qcow2`;
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-u', '-b', name, '-F', 'qcow2', join(root, 'vm', file), '1M']);
+    for (const top of [join(root, 'vm', file), `vm/${file}`]) {
+      const info = JSON.parse((await qemuImg(['info', '--output=json', top], { cwd: root })).stdout) as Record<string, unknown>;
+      expect(resolveRelativeName(name, top), top).toBe(info['full-backing-filename']);
+    }
   });
 });
 
