@@ -1,5 +1,5 @@
 // Vitest global setup: bundles the programs that tests run as child processes once for the whole
-// run (the qimg CLI and the crash test's writer, each with the zstd worker beside it, as tsup lays
+// run (the qimg CLI, its test server and the crash test's writer, each with the zstd worker beside it, as tsup lays
 // out dist/), and removes them when the run ends. Test files get the paths with
 // `inject('bundles')`. The folder is under node_modules/.cache so that the bundles' package imports
 // (koffi, @bokuweb/zstd-wasm) resolve from this repository's node_modules.
@@ -15,6 +15,8 @@ const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export interface Bundles {
   /** The qimg command line (src/cli/bin.ts). */
   cli: string;
+  /** A long-lived qimg CLI that runs command lines sent to it (test/setup/cli-server.ts). */
+  cliServer: string;
   /** The crash test's child writer (test/crash/writer.ts). */
   crashWriter: string;
   /** The folder holding them (zstd-worker.js beside them). */
@@ -36,6 +38,7 @@ export default async function setup(project: TestProject): Promise<() => void> {
     await build({
       entryPoints: {
         cli: join(ROOT, 'src/cli/bin.ts'),
+        'cli-server': join(ROOT, 'test/setup/cli-server.ts'),
         'crash-writer': join(ROOT, 'test/crash/writer.ts'),
         'zstd-worker': join(ROOT, 'src/qcow2/zstd-worker.ts'),
       },
@@ -51,6 +54,6 @@ export default async function setup(project: TestProject): Promise<() => void> {
     teardown();
     throw e;
   }
-  project.provide('bundles', { cli: join(dir, 'cli.js'), crashWriter: join(dir, 'crash-writer.js'), dir });
+  project.provide('bundles', { cli: join(dir, 'cli.js'), cliServer: join(dir, 'cli-server.js'), crashWriter: join(dir, 'crash-writer.js'), dir });
   return teardown;
 }
