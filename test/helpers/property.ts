@@ -52,6 +52,8 @@ export async function checkProperty<T>(
   const runs = Math.max(1, Math.round(opts.runs * scale));
   const minRuns = Math.min(runs, Math.max(1, Math.round((opts.minRuns ?? opts.runs) * scale)));
   const budgetMs = opts.budgetMs === undefined ? undefined : opts.budgetMs * scale;
+  // Printed first too: a case that hangs ends in the test's timeout, and the seed must be known then.
+  process.stdout.write(`property "${opts.name}": seed ${seed} (replay: QIMG_PROP_SEED=${seed})\n`);
   const t0 = Date.now();
   let started = 0;
   let failing = false;
