@@ -10,14 +10,12 @@ import { FormatError, QimgError } from '../errors.js';
 import { readHeader, type Qcow2Header } from './header.js';
 import { serializeHeader } from './header-write.js';
 import { Refcounts } from './allocator.js';
-import { AUTOCLEAR_BITMAPS, TWO_POW_32, entryOffset } from './layout.js';
+import {
+  AUTOCLEAR_BITMAPS, BITMAP_DIR_ENTRY_HEADER, BITMAP_ENTRY_ALL_ONES, BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, TWO_POW_32, entryOffset,
+} from './layout.js';
 
-const FLAG_IN_USE = 1;
-const FLAG_AUTO = 2;
 /** Table entry bits that must be zero (QEMU's BME_TABLE_ENTRY_RESERVED_MASK). */
 const ENTRY_OFFSET_MASK_HI = 0x00ffffff;
-const ENTRY_ALL_ONES = 1;
-const DIR_ENTRY_HEADER = 24;
 const decoder = new TextDecoder();
 const encoder = new TextEncoder();
 
@@ -63,18 +61,18 @@ function parseDirectory(dir: Uint8Array, count: number): DirEntry[] {
   const out: DirEntry[] = [];
   let pos = 0;
   for (let i = 0; i < count; i++) {
-    if (pos + DIR_ENTRY_HEADER > dir.length) throw new FormatError('Broken bitmap directory');
+    if (pos + BITMAP_DIR_ENTRY_HEADER > dir.length) throw new FormatError('Broken bitmap directory');
     const flags = view.getUint32(pos + 12);
     const nameSize = view.getUint16(pos + 18);
     const extraSize = view.getUint32(pos + 20);
-    const size = DIR_ENTRY_HEADER + extraSize + nameSize;
+    const size = BITMAP_DIR_ENTRY_HEADER + extraSize + nameSize;
     if (pos + size > dir.length) throw new FormatError('Broken bitmap directory');
     out.push({
       bitmap: {
-        name: decoder.decode(dir.subarray(pos + DIR_ENTRY_HEADER + extraSize, pos + size)),
+        name: decoder.decode(dir.subarray(pos + BITMAP_DIR_ENTRY_HEADER + extraSize, pos + size)),
         granularity: 2 ** view.getUint8(pos + 17),
-        enabled: (flags & FLAG_AUTO) !== 0,
-        inUse: (flags & FLAG_IN_USE) !== 0,
+        enabled: (flags & BITMAP_FLAG_AUTO) !== 0,
+        inUse: (flags & BITMAP_FLAG_IN_USE) !== 0,
         tableOffset: entryOffset(view.getUint32(pos), view.getUint32(pos + 4)),
         tableSize: view.getUint32(pos + 8),
       },
@@ -109,7 +107,7 @@ export async function readBitmapBits(src: BitmapSource, bm: PersistentBitmap, si
     const off = entryOffset(hi & ENTRY_OFFSET_MASK_HI, lo & ~0x1ff);
     const part = out.subarray(from, Math.min(out.length, from + cs));
     if (off === 0) {
-      if (lo & ENTRY_ALL_ONES) part.fill(0xff);
+      if (lo & BITMAP_ENTRY_ALL_ONES) part.fill(0xff);
     } else {
       await readFullZeroFill(src.storage, part, off);
     }
@@ -173,17 +171,17 @@ export async function storeNewBitmaps(storage: Storage, bitmaps: NewBitmap[]): P
     const tableOffset = await refcounts.allocClusters(Math.ceil(table.length / cs));
     await storage.write(table, tableOffset);
     const name = encoder.encode(bm.name);
-    const entry = new Uint8Array((DIR_ENTRY_HEADER + name.length + 7) & ~7);
+    const entry = new Uint8Array((BITMAP_DIR_ENTRY_HEADER + name.length + 7) & ~7);
     const ev = new DataView(entry.buffer);
     ev.setUint32(0, Math.floor(tableOffset / TWO_POW_32));
     ev.setUint32(4, tableOffset >>> 0);
     ev.setUint32(8, tableSize);
-    ev.setUint32(12, bm.enabled ? FLAG_AUTO : 0);
+    ev.setUint32(12, bm.enabled ? BITMAP_FLAG_AUTO : 0);
     entry[16] = 1; // type: dirty tracking bitmap
     entry[17] = Math.log2(bm.granularity);
     ev.setUint16(18, name.length);
     ev.setUint32(20, 0);
-    entry.set(name, DIR_ENTRY_HEADER);
+    entry.set(name, BITMAP_DIR_ENTRY_HEADER);
     entries.push(entry);
   }
   // Entries are padded to 8 bytes, the last one included (QEMU's calc_dir_entry_size).

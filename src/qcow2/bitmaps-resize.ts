@@ -21,13 +21,12 @@ import { readFullZeroFill } from '../io/storage.js';
 import { FormatError, UnsupportedError } from '../errors.js';
 import type { BitmapsExtension, Qcow2Header } from './header.js';
 import type { Refcounts } from './allocator.js';
-import { AUTOCLEAR_BITMAPS, TWO_POW_32 } from './layout.js';
+import {
+  AUTOCLEAR_BITMAPS, BITMAP_DIR_ENTRY_HEADER, BITMAP_ENTRY_ALL_ONES, BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, TWO_POW_32,
+} from './layout.js';
 
-export const FLAG_IN_USE = 1;
-export const FLAG_AUTO = 2;
 /** Flag bits QEMU refuses (BME_RESERVED_FLAGS). */
 const RESERVED_FLAGS = 0xfffffffc;
-const DIR_ENTRY_HEADER = 24;
 const TYPE_DIRTY_TRACKING = 1;
 /** QEMU's BME_MAX_TABLE_SIZE, BME_MAX_PHYS_SIZE, BME_{MIN,MAX}_GRANULARITY_BITS, BME_MAX_NAME_SIZE. */
 const MAX_TABLE_SIZE = 0x8000000;
@@ -35,10 +34,9 @@ const MAX_PHYS_SIZE = 0x20000000;
 const MIN_GRANULARITY_BITS = 9;
 const MAX_GRANULARITY_BITS = 31;
 const MAX_NAME_SIZE = 1023;
-/** Table entry: bits that must be zero (BME_TABLE_ENTRY_RESERVED_MASK), and the all-ones flag. */
+/** Table entry: bits that must be zero (BME_TABLE_ENTRY_RESERVED_MASK). */
 const ENTRY_RESERVED_HI = 0xff000000;
 const ENTRY_RESERVED_LO = 0x1fe;
-const ENTRY_ALL_ONES = 1;
 const decoder = new TextDecoder();
 
 /** One entry of a bitmap directory. */
@@ -59,12 +57,12 @@ export function listDirectory(dir: Uint8Array, count: number): DirBitmap[] {
   const view = new DataView(dir.buffer, dir.byteOffset, dir.byteLength);
   const out: DirBitmap[] = [];
   let pos = 0;
-  for (let i = 0; i < count && pos + DIR_ENTRY_HEADER <= dir.length; i++) {
+  for (let i = 0; i < count && pos + BITMAP_DIR_ENTRY_HEADER <= dir.length; i++) {
     const nameSize = view.getUint16(pos + 18);
     const extraSize = view.getUint32(pos + 20);
-    const size = DIR_ENTRY_HEADER + extraSize + nameSize;
+    const size = BITMAP_DIR_ENTRY_HEADER + extraSize + nameSize;
     const hi = view.getUint32(pos);
-    let nameBytes = dir.slice(pos + DIR_ENTRY_HEADER + extraSize, Math.min(dir.length, pos + size));
+    let nameBytes = dir.slice(pos + BITMAP_DIR_ENTRY_HEADER + extraSize, Math.min(dir.length, pos + size));
     const nul = nameBytes.indexOf(0);
     if (nul >= 0) nameBytes = nameBytes.subarray(0, nul);
     out.push({
@@ -94,11 +92,11 @@ export function validateDirectory(dir: Uint8Array, count: number, cs: number, si
   let pos = 0;
   let n = 0;
   while (pos < dir.length) {
-    if (pos + DIR_ENTRY_HEADER > dir.length) throw new FormatError('Broken bitmap directory');
+    if (pos + BITMAP_DIR_ENTRY_HEADER > dir.length) throw new FormatError('Broken bitmap directory');
     if (++n > count) throw new FormatError('More bitmaps found than specified in header extension');
     const nameSize = view.getUint16(pos + 18);
     const extraSize = view.getUint32(pos + 20);
-    const size8 = Math.ceil((DIR_ENTRY_HEADER + extraSize + nameSize) / 8) * 8;
+    const size8 = Math.ceil((BITMAP_DIR_ENTRY_HEADER + extraSize + nameSize) / 8) * 8;
     if (pos + size8 > dir.length) throw new FormatError('Broken bitmap directory');
     if (extraSize !== 0) throw new FormatError('Bitmap extra data is not supported');
     const bm = out[n - 1]!;
@@ -157,7 +155,7 @@ export interface BitmapStoreHost {
 export async function markAllInUse(host: BitmapStoreHost, ext: BitmapsExtension, dir: Uint8Array, bitmaps: readonly DirBitmap[]): Promise<Uint8Array> {
   const next = dir.slice();
   const view = new DataView(next.buffer);
-  for (const bm of bitmaps) view.setUint32(bm.at + 12, bm.flags | FLAG_IN_USE);
+  for (const bm of bitmaps) view.setUint32(bm.at + 12, bm.flags | BITMAP_FLAG_IN_USE);
   const h = host.header;
   h.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
   await host.writeHeader();
@@ -280,7 +278,7 @@ async function readTable(storage: Storage, bm: DirBitmap, cs: number, size: numb
     const lo = table.getUint32(k * 8 + 4);
     const off = tableEntryOffset(table, k);
     const bad = (hi & ENTRY_RESERVED_HI) !== 0 || (lo & ENTRY_RESERVED_LO) !== 0 || off < 0 ||
-      (off !== 0 && ((lo & ENTRY_ALL_ONES) !== 0 || off % cs !== 0));
+      (off !== 0 && ((lo & BITMAP_ENTRY_ALL_ONES) !== 0 || off % cs !== 0));
     if (bad) throw new FormatError(`Could not read bitmap_table table from image for bitmap '${bm.name}': Invalid argument`);
   }
   return table;
@@ -311,7 +309,7 @@ async function storeData(host: BitmapStoreHost, bm: DirBitmap, oldTable: DataVie
   const parts = Math.min(bm.tableSize, table.length / 8);
   for (let k = 0; k < parts; k++) {
     const off = tableEntryOffset(oldTable, k);
-    const allOnes = off === 0 && (oldTable.getUint32(k * 8 + 4) & ENTRY_ALL_ONES) !== 0;
+    const allOnes = off === 0 && (oldTable.getUint32(k * 8 + 4) & BITMAP_ENTRY_ALL_ONES) !== 0;
     if (off === 0 && !allOnes) continue;
     // The part's serialised bytes, in the old size and in the new one.
     const keep = Math.min(cs, oldSerial - k * cs, newSerial - k * cs);
@@ -358,15 +356,15 @@ function anyBit(data: Uint8Array, n: number): boolean {
 /** A directory entry as QEMU's bitmap_list_store writes it: flags reduced to `auto`, no extra data. */
 function dirEntry(bm: DirBitmap, tableOffset: number, tableSize: number): Uint8Array {
   const name = bm.nameBytes;
-  const entry = new Uint8Array((DIR_ENTRY_HEADER + name.length + 7) & ~7);
+  const entry = new Uint8Array((BITMAP_DIR_ENTRY_HEADER + name.length + 7) & ~7);
   const ev = new DataView(entry.buffer);
   ev.setUint32(0, Math.floor(tableOffset / TWO_POW_32));
   ev.setUint32(4, tableOffset >>> 0);
   ev.setUint32(8, tableSize);
-  ev.setUint32(12, bm.flags & FLAG_AUTO);
+  ev.setUint32(12, bm.flags & BITMAP_FLAG_AUTO);
   entry[16] = TYPE_DIRTY_TRACKING;
   entry[17] = bm.granularityBits;
   ev.setUint16(18, name.length);
-  entry.set(name, DIR_ENTRY_HEADER);
+  entry.set(name, BITMAP_DIR_ENTRY_HEADER);
   return entry;
 }

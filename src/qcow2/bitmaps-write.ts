@@ -13,9 +13,9 @@ import type { Storage } from '../io/storage.js';
 import { readFullZeroFill } from '../io/storage.js';
 import type { BitmapsExtension } from './header.js';
 import type { Refcounts } from './allocator.js';
-import { TWO_POW_32, entryOffset } from './layout.js';
+import { BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, TWO_POW_32, entryOffset } from './layout.js';
 import {
-  FLAG_AUTO, FLAG_IN_USE, listDirectory, markAllInUse, resizeRefusal, storeResized, validateDirectory, validateTables,
+  listDirectory, markAllInUse, resizeRefusal, storeResized, validateDirectory, validateTables,
   type BitmapStoreHost, type DirBitmap,
 } from './bitmaps-resize.js';
 
@@ -51,9 +51,9 @@ export class BitmapTracker {
     this.ext = ext;
     this.dir = dir;
     const entries = listDirectory(dir, ext.nbBitmaps);
-    this.inUseAtOpen = entries.map((e) => (e.flags & FLAG_IN_USE) !== 0);
+    this.inUseAtOpen = entries.map((e) => (e.flags & BITMAP_FLAG_IN_USE) !== 0);
     this.tracked = entries
-      .filter((e) => (e.flags & FLAG_AUTO) !== 0 && (e.flags & FLAG_IN_USE) === 0)
+      .filter((e) => (e.flags & BITMAP_FLAG_AUTO) !== 0 && (e.flags & BITMAP_FLAG_IN_USE) === 0)
       .map((e) => ({ at: e.at, tableOffset: e.tableOffset, tableSize: e.tableSize, granularity: 2 ** e.granularityBits }));
     this.dirty = [];
     this.inUse = false;
@@ -153,7 +153,7 @@ export class BitmapTracker {
     const view = new DataView(this.dir.buffer);
     for (const bm of this.tracked) {
       const flags = view.getUint32(bm.at + 12);
-      view.setUint32(bm.at + 12, on ? flags | FLAG_IN_USE : flags & ~FLAG_IN_USE);
+      view.setUint32(bm.at + 12, on ? flags | BITMAP_FLAG_IN_USE : flags & ~BITMAP_FLAG_IN_USE);
     }
     await this.storage.write(this.dir, this.ext!.directoryOffset);
     this.inUse = on;

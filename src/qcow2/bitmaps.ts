@@ -5,9 +5,8 @@ import type { Storage } from '../io/storage.js';
 import { readFullZeroFill } from '../io/storage.js';
 import type { BitmapInfo } from '../info.js';
 import type { BitmapsExtension } from './header.js';
+import { BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE } from './layout.js';
 
-const FLAG_IN_USE = 1;
-const FLAG_AUTO = 2;
 const decoder = new TextDecoder();
 
 export async function readBitmapDirectory(storage: Storage, ext: BitmapsExtension): Promise<BitmapInfo[]> {
@@ -28,8 +27,8 @@ export async function readBitmapDirectory(storage: Storage, ext: BitmapsExtensio
     if (pos + entrySize > dir.length) throw new FormatError('Bitmap directory entry is out of bounds');
     const name = decoder.decode(dir.subarray(pos + 24 + extraSize, pos + entrySize));
     const names: string[] = [];
-    if (flags & FLAG_IN_USE) names.push('in-use');
-    if (flags & FLAG_AUTO) names.push('auto');
+    if (flags & BITMAP_FLAG_IN_USE) names.push('in-use');
+    if (flags & BITMAP_FLAG_AUTO) names.push('auto');
     out.push({ name, granularity: 2 ** granularityBits, flags: names });
     pos += (entrySize + 7) & ~7;
   }

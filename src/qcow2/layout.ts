@@ -44,6 +44,13 @@ export const EXT_BITMAPS = 0x23852875;
 export const EXT_CRYPTO = 0x0537be77;
 export const EXT_DATA_FILE = 0x44415441;
 
+// Persistent bitmaps (bitmaps extension): directory entry flags, entry header size, table entry flag.
+export const BITMAP_FLAG_IN_USE = 1;
+export const BITMAP_FLAG_AUTO = 2;
+export const BITMAP_DIR_ENTRY_HEADER = 24;
+/** A bitmap table entry with offset 0 and this bit: every bit of its range is set. */
+export const BITMAP_ENTRY_ALL_ONES = 1;
+
 export const TWO_POW_32 = 4294967296;
 
 /**

@@ -5,14 +5,13 @@
 // the native copy_file_range and with QIMG_NO_NATIVE=1 (read + write fallback); which of the two
 // ran is seen with strace where it can trace.
 
-import { execFileSync } from 'node:child_process';
 import { readFileSync, writeFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { asQimg, qemuImg, qemuImgOk, qemuIoOk, qimg } from '../cli/harness.js';
 import { bundles } from '../helpers/bundle.js';
 import { loadNative } from '../../src/io/native.js';
-import { prng, run, tmpDir } from '../helpers/qemu.js';
+import { canStrace, prng, run, tmpDir } from '../helpers/qemu.js';
 
 const dir = tmpDir('qimg-cpr-');
 
@@ -89,17 +88,8 @@ describe('qimg convert -C matches qemu-img -C', () => {
   });
 });
 
-/** strace can trace children here (it may be missing, or ptrace forbidden in a container). */
-function canStrace(): boolean {
-  try {
-    execFileSync('strace', ['-f', '-qq', '-e', 'trace=copy_file_range', '-o', '/dev/null', 'true'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
-describe.runIf(canStrace() && loadNative() !== null)('-C copies in the kernel (strace)', () => {
+describe.runIf(canStrace('copy_file_range') && loadNative() !== null)('-C copies in the kernel (strace)', () => {
   /** copy_file_range calls the command makes. */
   async function copies(cmd: string, args: string[], log: string, env: Record<string, string> = {}): Promise<number> {
     const envArgs = Object.entries(env).flatMap(([k, v]) => ['-E', `${k}=${v}`]);

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { asQimg, qemuImg, qemuImgOk, qemuIoOk, qimg, type RunResult } from '../cli/harness.js';
 import { bundles } from '../helpers/bundle.js';
-import { run, tmpDir } from '../helpers/qemu.js';
+import { canStrace, run, tmpDir } from '../helpers/qemu.js';
 
 const dir = tmpDir('qimg-copt-');
 
@@ -124,17 +124,8 @@ describe('options qimg does not implement: one clear line, nothing written', () 
   });
 });
 
-/** strace can trace children here (it may be missing, or ptrace forbidden in a container). */
-function canStrace(): boolean {
-  try {
-    execFileSync('strace', ['-f', '-qq', '-e', 'trace=fdatasync', '-o', '/dev/null', 'true'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
-describe.runIf(canStrace())('-t: the target is synced at the end exactly when qemu-img syncs it (strace)', () => {
+describe.runIf(canStrace('fdatasync'))('-t: the target is synced at the end exactly when qemu-img syncs it (strace)', () => {
   /** fsync/fdatasync calls on `target` by the command (strace -y prints each fd's path). */
   async function syncs(cmd: string, args: string[], target: string, log: string): Promise<number> {
     const r = await run('strace', ['-f', '-y', '-qq', '-e', 'trace=fsync,fdatasync', '-o', join(dir, log), cmd, ...args], { cwd: dir });

@@ -1,7 +1,7 @@
 // Helpers that drive the real qemu-img / qemu-io (execFile, never a shell) and compare qimg's view
 // of an image with QEMU's, byte for byte.
 
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { readFile, stat } from 'node:fs/promises';
@@ -48,6 +48,19 @@ export function run(cmd: string, args: string[], options: { cwd?: string; timeou
 
 function describeRun(cmd: string, args: string[], r: ToolResult): string {
   return `${cmd} ${args.map((a) => (/[\s'"]/.test(a) ? JSON.stringify(a) : a)).join(' ')} exited ${r.code}\n${r.stderr}${r.stdout}`;
+}
+
+/**
+ * strace can trace `syscall` in children here: CI installs it (.ci/run), but it may be missing, or
+ * ptrace forbidden in a container, and then the tests that watch syscalls cannot run.
+ */
+export function canStrace(syscall: string): boolean {
+  try {
+    execFileSync('strace', ['-f', '-qq', '-e', `trace=${syscall}`, '-o', '/dev/null', 'true'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** Runs qemu-img; throws (with the command line and output) when it fails. */
