@@ -5,6 +5,7 @@
 import type { Storage, StorageGate } from './io/storage.js';
 import { FileStorage } from './io/file.js';
 import { fileGate } from './io/gate.js';
+import { CREATE_PERMS } from './io/lock.js';
 import { openImage } from './open.js';
 import type { Image, ImageFormat } from './image.js';
 import { QimgError, UnsupportedError, UsageError } from './errors.js';
@@ -24,6 +25,8 @@ export interface CreateImageOptions {
   gate?: StorageGate;
   /** qemu-img create -u: do not open the backing file (a size must then be given). */
   unsafe?: boolean;
+  /** Take QEMU's image locks on the files opened and created (default true). */
+  lock?: boolean;
   // qcow2 options (undefined = not given: qemu-img's line then shows the default or nothing).
   compat?: '0.10' | '1.1';
   clusterSize?: number;
@@ -199,6 +202,8 @@ export async function createImage(target: string | Storage, options: CreateImage
         const storage = await gate.open(backingFile, { readOnly: true, relativeTo, purpose: 'backing' });
         opened = await openImage(storage, {
           gate,
+          // QEMU reads only the backing file's size here, with force-share and no I/O: no locks.
+          lock: false,
           ...(options.backingFormat !== undefined ? { format: checkFormat(options.backingFormat) } : {}),
         });
       } catch (e) {
@@ -220,7 +225,7 @@ export async function createImage(target: string | Storage, options: CreateImage
 
     if (format === 'raw') {
       validateRawPreallocation(options.preallocation);
-      const storage = typeof target === 'string' ? await FileStorage.open(target, { readOnly: false, create: true }) : target;
+      const storage = typeof target === 'string' ? await createFile(target, options) : target;
       try {
         const r = await createRaw(storage, size, options.preallocation);
         await storage.flush();
@@ -260,10 +265,18 @@ export async function createImage(target: string | Storage, options: CreateImage
     }
     const layout = planner.layout();
     const header = createdHeader(plan, layout, planner.reftableClusters);
-    return await writeQcow2(target, filename, gate, plan, layout, header, { size, formatting });
+    return await writeQcow2(target, filename, gate, plan, layout, header, { size, formatting, lock: options.lock !== false });
   } finally {
     await backing?.close().catch(() => undefined);
   }
+}
+
+/**
+ * Creates (or truncates) an image file as QEMU's raw_co_create: locked for writing and sizing,
+ * refusing others' resizes, before an existing file is truncated.
+ */
+function createFile(path: string, options: { lock?: boolean }): Promise<FileStorage> {
+  return FileStorage.open(path, { readOnly: false, create: true, ...(options.lock !== false ? { locks: CREATE_PERMS } : {}) });
 }
 
 function checkFormat(name: string): ImageFormat {
@@ -274,15 +287,20 @@ function checkFormat(name: string): ImageFormat {
 async function writeQcow2(
   target: string | Storage, filename: string, gate: StorageGate, plan: Qcow2Plan,
   layout: ReturnType<LayoutPlanner['layout']>, header: Qcow2Header,
-  facts: { size: number; formatting: string },
+  facts: { size: number; formatting: string; lock: boolean },
 ): Promise<CreateImageResult> {
-  const storage = typeof target === 'string' ? await FileStorage.open(target, { readOnly: false, create: true }) : target;
+  const storage = typeof target === 'string' ? await createFile(target, { lock: facts.lock }) : target;
   let data: Storage | undefined;
   try {
     if (typeof target !== 'string') await storage.truncate(0);
     if (plan.dataFile !== undefined) {
       // QEMU creates the data file by the name as given (bdrv_create_file), not relative to the image.
-      data = await gate.open(plan.dataFile, { readOnly: false, create: true, purpose: 'data-file' });
+      data = await gate.open(plan.dataFile, {
+        readOnly: false,
+        create: true,
+        purpose: 'data-file',
+        ...(facts.lock ? { locks: CREATE_PERMS } : {}),
+      });
       await data.truncate(0);
     }
     const fallocMethod = await writeLayout(layout, header, { image: storage, ...(data ? { data } : {}) });

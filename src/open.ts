@@ -9,6 +9,9 @@ import { Qcow2Driver } from './qcow2/qcow2.js';
 import { QCOW2_MAGIC } from './qcow2/layout.js';
 import { RawDriver } from './raw/raw.js';
 import { FormatError, QimgError, UnsupportedError, UsageError } from './errors.js';
+import {
+  backingPerms, dataFilePerms, forceShared, imageFilePerms, PERM_WRITE, userPerms, type LockPerms,
+} from './io/lock.js';
 
 export interface OpenImageOptions {
   /** The format; probed (qcow2 by magic, else raw) when absent. */
@@ -25,6 +28,28 @@ export interface OpenImageOptions {
    * file is not opened, so an image can be described without touching the files it names.
    */
   metadataOnly?: boolean;
+  /**
+   * With `readOnly: false`: the images of the chain at depth <= writableDepth are opened writable
+   * (0, the default, = only the top; commit writes into a backing file while the overlay is open).
+   */
+  writableDepth?: number;
+  /**
+   * Take QEMU's image locks (OFD byte-range locks) on every file opened: default true. False opts
+   * out (e.g. for files no other process can see).
+   */
+  lock?: boolean;
+  /** qemu-img -U: share every permission with other processes, so an image in use can be read. */
+  forceShare?: boolean;
+  /**
+   * The virtual size will change (qemu-img resize): the resize permission is held too, which
+   * shows on a raw image's locks (a writable qcow2 file always holds it).
+   */
+  resize?: boolean;
+  /**
+   * Others may only read while the image is open, not write it (qemu-img convert's sources): the
+   * locks refuse writers of the image, its data file and its backing files.
+   */
+  shareOnlyReads?: boolean;
 }
 
 export interface OpenedImage {
@@ -52,6 +77,9 @@ export async function probeFormat(storage: Storage): Promise<ImageFormat> {
  */
 export async function openImage(target: Storage | string, options: OpenImageOptions = {}): Promise<OpenedImage> {
   const readOnly = options.readOnly ?? true;
+  if (options.forceShare && !readOnly) {
+    throw new UsageError('force-share=on can only be used with read-only images');
+  }
   const storage = typeof target === 'string' ? await FileStorage.open(target, { readOnly }) : target;
   if (!readOnly && storage.readOnly) {
     throw new UsageError(`${storage.name}: cannot open a read-only storage for writing`);
@@ -60,7 +88,13 @@ export async function openImage(target: Storage | string, options: OpenImageOpti
     const probed = options.format === undefined;
     const format = options.format ?? (await probeFormat(storage));
     const gate = options.gate ?? fileGate;
-    const image = await openChain(storage, format, gate, options, new Set([storage.name]), 0);
+    const use = userPerms({
+      writable: !readOnly,
+      resize: options.resize,
+      metadataOnly: options.metadataOnly,
+      shareOnlyReads: options.shareOnlyReads,
+    });
+    const image = await openChain(storage, format, gate, options, new Set([storage.name]), 0, use);
     return { image, probed };
   } catch (e) {
     await storage.close().catch(() => undefined);
@@ -70,18 +104,33 @@ export async function openImage(target: Storage | string, options: OpenImageOpti
 
 async function openChain(
   storage: Storage, format: ImageFormat, gate: StorageGate, options: OpenImageOptions, seen: Set<string>, depth: number,
+  asked: LockPerms,
 ): Promise<Image> {
+  // Only the top image (and with writableDepth the images down to that depth) is opened writable.
+  const writable = options.readOnly === false && depth <= (options.writableDepth ?? 0);
+  // What this level is asked for: the caller's use at the top, a backing file's below; a level
+  // opened writable is written whatever asked for it (commit writes into a backing file).
+  const node = writable ? { perm: asked.perm | PERM_WRITE, shared: asked.shared } : asked;
+  // Locked before the driver reads more than the probe did, and before anything is written.
+  lockFile(storage, imageFilePerms(format, node, { writable, metadataOnly: options.metadataOnly }), options);
   if (format === 'raw') {
     if (depth === 0 && options.snapshot) {
       throw new UnsupportedError(`Block format 'raw' used by device '' does not support internal snapshots`);
     }
     return new Image(await RawDriver.open(storage), null);
   }
-  // Only the top image is opened writable; the backing chain stays read-only.
-  const writable = depth === 0 && options.readOnly === false;
   const driver = await Qcow2Driver.open(storage, {
     // QEMU 7.2 opens a data file name as given, i.e. relative to the working directory, not to the image.
-    openDataFile: (name) => gate.open(name, { readOnly: !writable, purpose: 'data-file' }),
+    openDataFile: async (name) => {
+      const data = await gate.open(name, { readOnly: !writable, purpose: 'data-file' });
+      try {
+        lockFile(data, dataFilePerms(node), options);
+      } catch (e) {
+        await data.close().catch(() => undefined);
+        throw e;
+      }
+      return data;
+    },
     ...(writable ? { writable: true } : {}),
     ...(depth === 0 && options.snapshot ? { snapshot: options.snapshot } : {}),
   });
@@ -101,7 +150,7 @@ async function openChain(
       throw new FormatError(`Backing file '${resolved}' creates an infinite loop.`, { name: resolved });
     }
     seen.add(resolved);
-    const backingStorage = await gate.open(backingName, { readOnly: true, relativeTo: storage, purpose: 'backing' });
+    const backingStorage = await gate.open(backingName, { readOnly: !(options.readOnly === false && depth + 1 <= (options.writableDepth ?? 0)), relativeTo: storage, purpose: 'backing' });
     try {
       let backingFormat: ImageFormat;
       const declared = driver.header.backingFormat;
@@ -113,7 +162,7 @@ async function openChain(
       } else {
         backingFormat = await probeFormat(backingStorage);
       }
-      const backing = await openChain(backingStorage, backingFormat, gate, options, seen, depth + 1);
+      const backing = await openChain(backingStorage, backingFormat, gate, options, seen, depth + 1, backingPerms(node));
       return new Image(driver, backing);
     } catch (e) {
       await backingStorage.close().catch(() => undefined);
@@ -123,6 +172,12 @@ async function openChain(
     await driver.close().catch(() => undefined);
     throw withBackingContext(e);
   }
+}
+
+/** Takes the image locks of one file unless the caller opted out (`lock: false`); -U shares everything. */
+function lockFile(storage: Storage, perms: LockPerms, options: OpenImageOptions): void {
+  if (options.lock === false || !storage.lock) return;
+  storage.lock(options.forceShare ? forceShared(perms) : perms);
 }
 
 /** QEMU reports a failure anywhere down the chain as "Could not open backing file: <why>", once per level. */

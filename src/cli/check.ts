@@ -11,7 +11,9 @@ import { parseHeader } from '../qcow2/header.js';
 import { readFullZeroFill } from '../io/storage.js';
 import { INCOMPAT_DATA_FILE } from '../qcow2/layout.js';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, PROGRAM, checkFormat, errorText, usageError, type CliContext } from './common.js';
+import { CliError, PROGRAM, checkFormat, errorText, openError, usageError, type CliContext } from './common.js';
+import { dataFilePerms, forceShared, imageFilePerms, userPerms, type LockPerms } from '../io/lock.js';
+import type { Image } from '../image.js';
 import { QDict, toJsonPretty } from './qobject.js';
 import { formatFixed } from './cformat.js';
 import { parseOutputFormat } from './info.js';
@@ -40,6 +42,7 @@ export async function cmdCheck(args: string[], ctx: CliContext, showHelp: () => 
   let output: string | undefined;
   let repair: RepairMode | undefined;
   let quiet = false;
+  let forceShare = false;
   for (const o of options) {
     switch (o.key) {
       case 'help':
@@ -57,6 +60,9 @@ export async function cmdCheck(args: string[], ctx: CliContext, showHelp: () => 
       case 'quiet':
         quiet = true;
         break;
+      case 'force-share':
+        forceShare = true;
+        break;
       case 'object':
         throw new CliError('--object is not supported by qimg');
       case 'image-opts':
@@ -69,6 +75,10 @@ export async function cmdCheck(args: string[], ctx: CliContext, showHelp: () => 
 
   const prefix = `Could not open '${filename}': `;
   const format = fmt === undefined ? undefined : checkFormat(fmt, prefix);
+  // bdrv_open refuses this pair before it opens anything.
+  if (forceShare && repair !== undefined) {
+    throw new CliError(`${prefix}force-share=on can only be used with read-only images`);
+  }
   let storage: Storage;
   try {
     storage = await FileStorage.open(filename, { readOnly: repair === undefined });
@@ -76,12 +86,22 @@ export async function cmdCheck(args: string[], ctx: CliContext, showHelp: () => 
     throw new CliError(prefix + errorText(e));
   }
   let opened = false;
+  let named: NamedFiles | undefined;
   try {
     const fmtName = format ?? (await probeFormat(storage));
+    // The image locks of an image opened as qemu-img check opens it (writable with -r).
+    const writable = repair !== undefined;
+    const node = userPerms({ writable });
+    const share = (perms: LockPerms): LockPerms => (forceShare ? forceShared(perms) : perms);
+    try {
+      storage.lock?.(share(imageFilePerms(fmtName, node, { writable })));
+    } catch (e) {
+      throw openError(prefix, e);
+    }
     if (fmtName !== 'qcow2') {
       throw new CliError('This image format does not support checks', { exitCode: 63 });
     }
-    await openNamedFiles(storage, prefix);
+    named = await openNamedFiles(storage, prefix, { writable, dataPerms: share(dataFilePerms(node)), forceShare });
     opened = true;
     const out = (text: string): void => {
       if (!quiet) ctx.stdout.write(text);
@@ -115,15 +135,29 @@ export async function cmdCheck(args: string[], ctx: CliContext, showHelp: () => 
   } finally {
     // Closing an image opened writable marks it clean (QEMU's qcow2_inactivate), even after a failed check.
     if (opened && repair !== undefined) await markClean(storage).catch(() => undefined);
+    await named?.data?.close().catch(() => undefined);
+    await named?.backing?.close().catch(() => undefined);
     await storage.close().catch(() => undefined);
   }
+}
+
+/** The files an image names, held open (and locked) while it is checked, as qemu-img does. */
+interface NamedFiles {
+  data?: Storage;
+  backing?: Image;
 }
 
 /** The name the brief asked for; same function. */
 export const checkCommand = cmdCheck;
 
-/** qemu-img check opens the backing chain and the data file too: their errors are open errors. */
-async function openNamedFiles(storage: Storage, prefix: string): Promise<void> {
+/**
+ * qemu-img check opens the backing chain and the data file too: their errors (a refused lock
+ * among them) are open errors, and their locks are held until the check ends.
+ */
+async function openNamedFiles(
+  storage: Storage, prefix: string, lock: { writable: boolean; dataPerms: LockPerms; forceShare: boolean },
+): Promise<NamedFiles> {
+  const named: NamedFiles = {};
   let header;
   try {
     const head = new Uint8Array(2 * 1024 * 1024);
@@ -131,26 +165,39 @@ async function openNamedFiles(storage: Storage, prefix: string): Promise<void> {
     const bits = new DataView(head.buffer).getUint32(20);
     header = parseHeader(bits >= 9 && bits <= 21 ? head.subarray(0, 2 ** bits) : head);
   } catch {
-    return; // checkQcow2 reports header errors with QEMU's check-mode rules
+    return named; // checkQcow2 reports header errors with QEMU's check-mode rules
   }
-  if ((header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
-    if (header.dataFile === undefined) throw new CliError(`${prefix}'data-file' is required for this image`);
-    try {
-      const ds = await fileGate.open(header.dataFile, { readOnly: true, purpose: 'data-file' });
-      await ds.close();
-    } catch (e) {
-      throw new CliError(prefix + errorText(e));
+  try {
+    if ((header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
+      if (header.dataFile === undefined) throw new CliError(`${prefix}'data-file' is required for this image`);
+      try {
+        // Opened as the image is (writable with -r), so that its locks are the ones QEMU holds.
+        named.data = await fileGate.open(header.dataFile, { readOnly: !lock.writable, purpose: 'data-file' });
+        named.data.lock?.(lock.dataPerms);
+      } catch (e) {
+        throw openError(prefix, e);
+      }
     }
-  }
-  if (header.backingFile !== undefined && header.backingFile !== '') {
-    try {
-      const bs = await fileGate.open(header.backingFile, { readOnly: true, relativeTo: storage, purpose: 'backing' });
-      const declared = header.backingFormat;
-      const opened = await openImage(bs, declared === 'qcow2' || declared === 'raw' ? { format: declared } : {});
-      await opened.image.close();
-    } catch (e) {
-      throw new CliError(`${prefix}Could not open backing file: ${errorText(e)}`);
+    if (header.backingFile !== undefined && header.backingFile !== '') {
+      try {
+        const bs = await fileGate.open(header.backingFile, { readOnly: true, relativeTo: storage, purpose: 'backing' });
+        const declared = header.backingFormat;
+        // The backing chain is locked as any image's backing files (an image asks them for reads only).
+        named.backing = (
+          await openImage(bs, {
+            ...(declared === 'qcow2' || declared === 'raw' ? { format: declared } : {}),
+            forceShare: lock.forceShare,
+          })
+        ).image;
+      } catch (e) {
+        throw openError(`${prefix}Could not open backing file: `, e);
+      }
     }
+    return named;
+  } catch (e) {
+    await named.data?.close().catch(() => undefined);
+    await named.backing?.close().catch(() => undefined);
+    throw e;
   }
 }
 

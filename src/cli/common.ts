@@ -2,6 +2,7 @@
 
 import { QimgError } from '../errors.js';
 import { openImage, type OpenImageOptions, type OpenedImage } from '../open.js';
+import { onLockingUnavailable } from '../io/lock.js';
 import type { ImageFormat } from '../image.js';
 import { GetoptError } from './getopt.js';
 
@@ -102,7 +103,38 @@ export async function openForCli(
   try {
     return await openImage(filename, { readOnly: true, ...options, ...(format ? { format } : {}) });
   } catch (e) {
-    throw new CliError(prefix + errorText(e));
+    throw openError(prefix, e);
+  }
+}
+
+/**
+ * An open failure as qemu-img prints it: the prefix and the reason on one line, then QEMU's hint
+ * when the reason has one (a refused image lock: "Is another process using the image [x]?").
+ */
+export function openError(prefix: string, e: unknown): CliError {
+  const hint = e instanceof QimgError && typeof e.data.hint === 'string' ? e.data.hint : undefined;
+  return new CliError(prefix + errorText(e), hint !== undefined ? { appendedHint: hint } : {});
+}
+
+/** The notice printed (once per command) when images are opened without locks. */
+export const LOCKING_UNAVAILABLE_NOTICE =
+  `${PROGRAM}: warning: image locking is unavailable (no native helpers): other processes using the image are not detected\n`;
+
+/**
+ * Runs a command with the lock notice armed: the first file opened without the image locks it
+ * wanted (no koffi, QIMG_NO_NATIVE=1) prints LOCKING_UNAVAILABLE_NOTICE on stderr, once.
+ */
+export async function withLockNotice<T>(ctx: CliContext, run: () => Promise<T>): Promise<T> {
+  let printed = false;
+  const previous = onLockingUnavailable(() => {
+    if (printed) return;
+    printed = true;
+    ctx.stderr.write(LOCKING_UNAVAILABLE_NOTICE);
+  });
+  try {
+    return await run();
+  } finally {
+    onLockingUnavailable(previous);
   }
 }
 

@@ -16,7 +16,8 @@ import {
   ConvertBlockStatusError, ConvertReadError, convert, convertTargetSize, type ConvertOptions,
 } from '../convert/convert.js';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, cvtnum, errorText, openForCli, usageError, type CliContext } from './common.js';
+import { CliError, cvtnum, errorText, openError, openForCli, usageError, type CliContext } from './common.js';
+import { CREATE_PERMS, imageFilePerms, userPerms } from '../io/lock.js';
 import { parseCreateOptions } from './options.js';
 import {
   listPersistentBitmaps, readBitmapBits, storeNewBitmaps, type BitmapSource, type NewBitmap, type PersistentBitmap,
@@ -132,6 +133,7 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
   let outOfOrder = false;
   let quiet = false;
   let skipCreate = false;
+  let forceShare = false;
   let parallel = 8;
   let targetIsZero = false;
   let salvage = false;
@@ -172,6 +174,7 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         break; // cache modes are checked below; qimg has one I/O path
       case 'q': quiet = true; break;
       case 'n': skipCreate = true; break;
+      case 'force-share': forceShare = true; break;
       case 'm': {
         const v = parseCLong(o.value!);
         if (v === undefined || v < 1 || v > MAX_COROUTINES) {
@@ -237,13 +240,14 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
   process.on('SIGINT', onSigint);
   try {
     for (const name of sourceNames) {
-      images.push((await openForCli(name, fmt)).image);
+      // qemu-img convert's sources let others read them meanwhile, not write them (BDRV_O_NO_SHARE).
+      images.push((await openForCli(name, fmt, { shareOnlyReads: true, forceShare })).image);
     }
     if (snapshotOpts !== undefined || snapshotName !== undefined) {
       if (snapshotOpts === undefined && srcNum > 1) {
         throw new CliError('No support for concatenating multiple snapshot');
       }
-      images[0] = await loadSnapshot(images[0]!, sourceNames[0]!, fmt, snapshotOpts, snapshotName);
+      images[0] = await loadSnapshot(images[0]!, sourceNames[0]!, fmt, snapshotOpts, snapshotName, forceShare);
     }
     const totalSize = convertTargetSize(images);
     let createOpts: CreateImageOptions | null = null;
@@ -306,7 +310,7 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       try {
         await createImage(outFilename, createOpts!);
       } catch (e) {
-        throw new CliError(`${outFilename}: error while converting qcow2: ${errorText(e)}`);
+        throw openError(`${outFilename}: error while converting qcow2: `, e);
       }
     } else if (!skipCreate) {
       // As qemu-img: create (empty and size) the target, close it, then open it again for the
@@ -315,10 +319,10 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
       // the whole target; closing right after the truncation, with nothing dirty, is free.
       let created: FileStorage;
       try {
-        created = await FileStorage.open(outFilename, { readOnly: false, create: true });
+        created = await FileStorage.open(outFilename, { readOnly: false, create: true, locks: CREATE_PERMS });
       } catch (e) {
         const why = errorText(e).replace(/^Could not open/, 'Could not create');
-        throw new CliError(`${outFilename}: error while converting raw: ${why}`);
+        throw new CliError(`${outFilename}: error while converting raw: ${why}`, hintOf(e));
       }
       try {
         // raw creation as QEMU's: sized, and the first block written (allocate_first_block).
@@ -333,9 +337,9 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
     const unsafeCache = dstCache === undefined || dstCache === 'unsafe';
     if (rawFast) {
       try {
-        target = await FileStorage.open(outFilename, { readOnly: false, noFlush: unsafeCache });
+        target = await FileStorage.open(outFilename, { readOnly: false, noFlush: unsafeCache, locks: RAW_TARGET_PERMS });
       } catch (e) {
-        throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
+        throw openError(`Could not open '${outFilename}': `, e);
       }
       if (bitmaps) throw new CliError("Format driver 'raw' does not support bitmaps");
       if (compressed) throw new CliError('Compression not supported for this file format');
@@ -349,7 +353,7 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         const storage = await FileStorage.open(outFilename, { readOnly: false, noFlush: unsafeCache });
         targetImage = (await openImage(storage, { readOnly: false, format: outFmt })).image;
       } catch (e) {
-        throw new CliError(`Could not open '${outFilename}': ${errorText(e)}`);
+        throw openError(`Could not open '${outFilename}': `, e);
       }
       if (bitmaps && !supportsBitmaps(targetImage)) {
         throw new CliError(`Format driver '${targetImage.format}' does not support bitmaps`);
@@ -517,7 +521,7 @@ async function copyBitmaps(
   // The target keeps them newest first; closing appends them to its directory in that order.
   added.reverse();
   if (added.length > 0) {
-    const file = await FileStorage.open(outFilename, { readOnly: false });
+    const file = await FileStorage.open(outFilename, { readOnly: false, locks: QCOW2_WRITER_PERMS });
     try {
       await storeNewBitmaps(file, added);
     } catch (e) {
@@ -531,7 +535,7 @@ async function copyBitmaps(
 
 /** After compressed writes qemu-img rounds the image file up to whole sectors (a zero-length compressed write). */
 async function alignFileEnd(path: string): Promise<void> {
-  const file = await FileStorage.open(path, { readOnly: false });
+  const file = await FileStorage.open(path, { readOnly: false, locks: QCOW2_WRITER_PERMS });
   try {
     const size = await file.size();
     if (size % 512 !== 0) await file.truncate(Math.ceil(size / 512) * 512);
@@ -560,6 +564,7 @@ async function loadSnapshot(
   fmt: string | undefined,
   opts: { id?: string; name?: string } | undefined,
   idOrName: string | undefined,
+  forceShare: boolean,
 ): Promise<Image> {
   if (image.format !== 'qcow2') {
     throw new CliError(
@@ -571,7 +576,7 @@ async function loadSnapshot(
   const attempts = opts ? [opts] : [{ id: idOrName! }, { name: idOrName! }];
   for (const snapshot of attempts) {
     try {
-      return (await openForCliRaw(filename, fmt ?? format, snapshot)).image;
+      return (await openForCliRaw(filename, fmt ?? format, snapshot, forceShare)).image;
     } catch (e) {
       if (!(e instanceof NotFoundError)) throw new CliError(`Could not open '${filename}': ${errorText(e)}`);
     }
@@ -579,8 +584,23 @@ async function loadSnapshot(
   throw new CliError("Failed to load snapshot: Can't find snapshot");
 }
 
-function openForCliRaw(filename: string, fmt: string, snapshot: { id?: string; name?: string }): Promise<OpenedImage> {
-  return openImage(filename, { readOnly: true, format: fmt === 'raw' ? 'raw' : 'qcow2', snapshot });
+function openForCliRaw(
+  filename: string, fmt: string, snapshot: { id?: string; name?: string }, forceShare: boolean,
+): Promise<OpenedImage> {
+  return openImage(filename, {
+    readOnly: true, format: fmt === 'raw' ? 'raw' : 'qcow2', snapshot, shareOnlyReads: true, forceShare,
+  });
+}
+
+/** The locks of convert's raw target as qemu-img holds them: written, not resized, shared with all. */
+const RAW_TARGET_PERMS = imageFilePerms('raw', userPerms({ writable: true }), { writable: true });
+
+/** A qcow2 target reopened to finish it (bitmaps, the aligned end): the writer's locks. */
+const QCOW2_WRITER_PERMS = imageFilePerms('qcow2', userPerms({ writable: true }), { writable: true });
+
+/** QEMU's hint carried by an error, as CliError options. */
+function hintOf(e: unknown): { appendedHint?: string } {
+  return e instanceof QimgError && typeof e.data.hint === 'string' ? { appendedHint: e.data.hint } : {};
 }
 
 /** strtol(s, &end, 0) that must consume the whole string (qemu_strtol): decimal, 0x hex, 0 octal. */

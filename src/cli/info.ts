@@ -31,6 +31,7 @@ export async function cmdInfo(args: string[], ctx: CliContext, showHelp: () => n
   let fmt: string | undefined;
   let output: string | undefined;
   let chain = false;
+  let forceShare = false;
   for (const o of options) {
     switch (o.key) {
       case 'help':
@@ -44,6 +45,9 @@ export async function cmdInfo(args: string[], ctx: CliContext, showHelp: () => n
       case 'backing-chain':
         chain = true;
         break;
+      case 'force-share':
+        forceShare = true;
+        break;
       case 'object':
         throw new CliError('--object is not supported by qimg');
       case 'image-opts':
@@ -52,7 +56,7 @@ export async function cmdInfo(args: string[], ctx: CliContext, showHelp: () => n
   }
   if (operands.length !== 1) throw usageError('Expecting one image file name');
   const outputFormat = parseOutputFormat(output);
-  const list = await collectImageInfoList(operands[0]!, fmt, chain);
+  const list = await collectImageInfoList(operands[0]!, fmt, chain, forceShare);
   if (outputFormat === 'human') {
     ctx.stdout.write(list.map(formatHumanInfo).join('\n'));
   } else if (chain) {
@@ -72,7 +76,9 @@ function withFullBacking(info: ImageInfo): ImageInfo {
 }
 
 /** img_info's collect_image_info_list: each image opened alone (no backing), then its backing file by name. */
-export async function collectImageInfoList(filename: string, fmt: string | undefined, chain: boolean): Promise<ImageInfo[]> {
+export async function collectImageInfoList(
+  filename: string, fmt: string | undefined, chain: boolean, forceShare = false,
+): Promise<ImageInfo[]> {
   const list: ImageInfo[] = [];
   const seen = new Set<string>();
   let name: string | undefined = filename;
@@ -80,7 +86,7 @@ export async function collectImageInfoList(filename: string, fmt: string | undef
   while (name !== undefined) {
     if (seen.has(name)) throw new CliError(`Backing file '${name}' creates an infinite loop.`);
     seen.add(name);
-    const { image } = await openForCli(name, format, { noBacking: true, metadataOnly: true });
+    const { image } = await openForCli(name, format, { noBacking: true, metadataOnly: true, forceShare });
     let info: ImageInfo;
     try {
       info = withFullBacking(await image.info());

@@ -96,6 +96,7 @@ export async function cmdMap(args: string[], ctx: CliContext, showHelp: () => nu
   let output: string | undefined;
   let startOffset = 0;
   let maxLength = -1;
+  let forceShare = false;
   for (const o of options) {
     switch (o.key) {
       case 'help':
@@ -112,6 +113,9 @@ export async function cmdMap(args: string[], ctx: CliContext, showHelp: () => nu
       case 'max-length':
         maxLength = cvtnum('max length', o.value!);
         break;
+      case 'force-share':
+        forceShare = true;
+        break;
       case 'object':
         throw new CliError('--object is not supported by qimg');
       case 'image-opts':
@@ -121,7 +125,7 @@ export async function cmdMap(args: string[], ctx: CliContext, showHelp: () => nu
   if (operands.length !== 1) throw usageError('Expecting one image file name');
   const filename = operands[0]!;
   const format = parseOutputFormat(output);
-  const { image } = await openForCli(filename, fmt);
+  const { image } = await openForCli(filename, fmt, { forceShare });
   try {
     ctx.stdout.write(format === 'human' ? `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n` : '[');
     let length = image.virtualSize;

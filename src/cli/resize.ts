@@ -1,7 +1,7 @@
 // qimg resize: qemu-img 7.2's img_resize.
 
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, PROGRAM, checkFormat, errorText, usageError, type CliContext } from './common.js';
+import { CliError, PROGRAM, checkFormat, errorText, openError, usageError, type CliContext } from './common.js';
 import { openImage } from '../open.js';
 import { QimgError } from '../errors.js';
 import { parseSize } from './options.js';
@@ -67,9 +67,9 @@ export async function cmdResize(args: string[], ctx: CliContext, showHelp: () =>
   const format = fmt === undefined ? undefined : checkFormat(fmt, prefix);
   let opened;
   try {
-    opened = await openImage(filename, { readOnly: false, ...(format ? { format } : {}) });
+    opened = await openImage(filename, { readOnly: false, resize: true, ...(format ? { format } : {}) });
   } catch (e) {
-    throw new CliError(prefix + errorText(e));
+    throw openError(prefix, e);
   }
   const { image, probed } = opened;
   try {

@@ -1,7 +1,7 @@
 // A Storage over a file (fs/promises FileHandle), with koffi fast paths when available.
 // This is the only module in src/ that imports node:fs.
 
-import { fstatSync, ftruncateSync, read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
+import { constants as fsConstants, fstatSync, ftruncateSync, read as fsRead, write as fsWrite, writev as fsWritev } from 'node:fs';
 import { open as fsOpen, type FileHandle } from 'node:fs/promises';
 import type { OpenStorageOptions, Storage, StorageExtent } from './storage.js';
 import { extentCollector } from './storage.js';
@@ -9,6 +9,7 @@ import { IoError, UsageError } from '../errors.js';
 import { checkOpen, checkRange, checkWritable } from './check.js';
 import { loadNative, nativeAllowed, NATIVE_ENXIO, type NativeFileOps } from './native.js';
 import { writeZeroBytes } from './zero.js';
+import { applyLocks, NOTHING_HELD, reportLockingUnavailable, type HeldLocks, type LockPerms } from './lock.js';
 
 export interface FileStorageOptions extends OpenStorageOptions {
   /**
@@ -21,6 +22,12 @@ export interface FileStorageOptions extends OpenStorageOptions {
    * convert uses for its target by default. Data still reaches the file; only durability is waived.
    */
   noFlush?: boolean;
+  /**
+   * QEMU's image locks to take as the file is opened (src/io/lock.ts): with `create`, before the
+   * file is truncated, so that a file in use elsewhere is refused intact. Absent: no locks until
+   * lock() is called.
+   */
+  locks?: LockPerms;
 }
 
 /** strerror(3) texts for the errno codes Node reports, as QEMU prints them. */
@@ -49,13 +56,21 @@ const STRERROR: Record<string, string> = {
   ENXIO: 'No such device or address',
   ENODEV: 'No such device',
   EDQUOT: 'Disk quota exceeded',
+  ENOLCK: 'No locks available',
+  ENOSYS: 'Function not implemented',
 };
 
 /** Linux errno numbers for the codes the native path returns. */
 const ERRNO_NAMES: Record<number, string> = {
   1: 'EPERM', 5: 'EIO', 6: 'ENXIO', 9: 'EBADF', 13: 'EACCES', 22: 'EINVAL', 27: 'EFBIG',
-  28: 'ENOSPC', 30: 'EROFS', 38: 'ENOSYS', 95: 'EOPNOTSUPP',
+  28: 'ENOSPC', 30: 'EROFS', 37: 'ENOLCK', 38: 'ENOSYS', 95: 'EOPNOTSUPP',
 };
+
+/** The strerror text for an errno number. */
+function errnoText(errno: number): string {
+  const name = ERRNO_NAMES[errno];
+  return name ? strerror(name) : `Unknown error ${errno}`;
+}
 
 /** The strerror text for an errno code name ("ENOENT" -> "No such file or directory"). */
 export function strerror(code: string | undefined): string {
@@ -75,8 +90,15 @@ function wrap(what: string, path: string, err: unknown, data: Record<string, unk
   return new IoError(`${what} '${path}': ${text}`, { path, errno: code, ...data }, { cause: err });
 }
 
-/** fs open flags: read-only, read-write, and create (truncating). */
-const DEFAULT_OPEN_FLAGS = { read: 'r', write: 'r+', create: 'w+' } as const;
+/**
+ * fs open flags: read-only, read-write, and create. Creating does not truncate at open: the file
+ * is truncated once its locks are held (a file another process uses must stay intact).
+ */
+const DEFAULT_OPEN_FLAGS = {
+  read: 'r',
+  write: 'r+',
+  create: fsConstants.O_RDWR | fsConstants.O_CREAT,
+} as const;
 
 /** How far past the end of the file reserveHint reserves blocks at a time. */
 const RESERVE_AHEAD = 32 * 1024 * 1024;
@@ -117,6 +139,8 @@ export class FileStorage implements Storage {
 
   /** See FileStorageOptions.noFlush. */
   private noFlush = false;
+  /** The image lock bytes this file's description holds (src/io/lock.ts). */
+  private held: HeldLocks = NOTHING_HELD;
 
   private constructor(name: string, handle: FileHandle, readOnly: boolean, nativeWanted: boolean) {
     this.name = name;
@@ -230,12 +254,14 @@ export class FileStorage implements Storage {
         : DEFAULT_OPEN_FLAGS.write;
     let handle: FileHandle;
     try {
-      handle = await fsOpen(path, flags);
+      handle = await fsOpen(path, flags, 0o644);
     } catch (err) {
       throw wrap('Could not open', path, err);
     }
+    let length = 0;
     try {
       const st = await handle.stat();
+      length = st.size;
       if (st.isDirectory()) {
         throw Object.assign(new Error('Is a directory'), { code: 'EISDIR' });
       }
@@ -246,7 +272,44 @@ export class FileStorage implements Storage {
     const nativeWanted = options.native !== false && nativeAllowed();
     const storage = new FileStorage(path, handle, options.readOnly && !options.create, nativeWanted);
     storage.noFlush = options.noFlush ?? false;
+    try {
+      if (options.locks) storage.lock(options.locks);
+      // An empty file needs no truncation (which ext4 would remember as a rewrite to flush on close).
+      if (options.create && length !== 0) await storage.truncate(0);
+    } catch (err) {
+      await handle.close().catch(() => undefined);
+      throw err;
+    }
     return storage;
+  }
+
+  /**
+   * Takes QEMU's image locks for holding `perms.perm` and sharing `perms.shared`, replacing those
+   * held before; throws a LockError (QEMU's message, hint in data.hint) when another open file
+   * description holds conflicting ones, keeping the previous locks. Closing the file releases them.
+   * Where image locking is unavailable (no native helpers, QIMG_NO_NATIVE=1, no OFD locks) this
+   * takes nothing and reports it once per call through onLockingUnavailable.
+   */
+  lock(perms: LockPerms): void {
+    checkOpen(this.name, this.closed);
+    const ops = loadNative()?.ofdLocks;
+    if (!ops) {
+      reportLockingUnavailable();
+      return;
+    }
+    const outcome = applyLocks(ops, this.handle.fd, this.name, this.held, perms, errnoText);
+    this.held = outcome.held;
+    if (outcome.ok) return;
+    if (outcome.unsupported) {
+      reportLockingUnavailable();
+      return;
+    }
+    throw outcome.error;
+  }
+
+  /** The lock bytes held now (masks of permission bits for bytes 100 + i and 200 + i). */
+  get heldLocks(): HeldLocks {
+    return this.held;
   }
 
   /** The OS file descriptor (for native calls); stays valid until close. */

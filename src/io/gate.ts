@@ -31,7 +31,12 @@ export function createFileGate(gateOptions: FileGateOptions = {}): StorageGate {
   return {
     open(name: string, options: GateOpenOptions): Promise<Storage> {
       const path = resolveRelativeName(name, options.relativeTo);
-      return FileStorage.open(path, { readOnly: options.readOnly, create: options.create, native: gateOptions.native });
+      return FileStorage.open(path, {
+        readOnly: options.readOnly,
+        create: options.create,
+        native: gateOptions.native,
+        ...(options.locks ? { locks: options.locks } : {}),
+      });
     },
     resolveName: resolveRelativeName,
   };

@@ -15,3 +15,15 @@ export {
   type FileGateOptions,
 } from './gate.js';
 export { isZero } from './zero.js';
+export {
+  LockError,
+  imageLockingAvailable,
+  onLockingUnavailable,
+  PERM_ALL,
+  PERM_CONSISTENT_READ,
+  PERM_RESIZE,
+  PERM_WRITE,
+  PERM_WRITE_UNCHANGED,
+  type HeldLocks,
+  type LockPerms,
+} from './lock.js';

@@ -1,4 +1,5 @@
-// Optional native file fast paths through koffi: SEEK_DATA/SEEK_HOLE, punch hole, copy_file_range.
+// Optional native file fast paths through koffi: SEEK_DATA/SEEK_HOLE, punch hole, copy_file_range,
+// and the OFD byte locks of QEMU's image locking.
 //
 // koffi is an optional dependency loaded lazily; when it is missing, fails to load, the platform is
 // not 64-bit Linux, or QIMG_NO_NATIVE=1 is set, `loadNative()` returns null and FileStorage works
@@ -14,6 +15,7 @@ const SEEK_HOLE = 4;
 const FALLOC_FL_KEEP_SIZE = 0x01;
 const FALLOC_FL_PUNCH_HOLE = 0x02;
 const ENXIO = 6;
+const EINTR = 4;
 
 /** The native operations on a file descriptor. Each returns a negative errno on failure. */
 export interface NativeFileOps {
@@ -35,7 +37,37 @@ export interface NativeFileOps {
    * gets the bytes copied, or a negative number on failure (errno not kept).
    */
   copyFileRangeAsync(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number, done: (result: number) => void): void;
+  /**
+   * Open-file-description byte locks (fcntl F_OFD_SETLK/F_OFD_GETLK), present on the platforms
+   * whose struct flock layout is known (x86_64 and arm64 Linux).
+   */
+  ofdLocks?: OfdLockOps;
 }
+
+/** One-byte OFD locks, the primitive of QEMU's image locking (src/io/lock.ts holds the rules). */
+export interface OfdLockOps {
+  /** Takes a shared (read) lock on byte `byte`, or releases it (`unlock`); 0 or -errno. */
+  set(fd: number, byte: number, unlock: boolean): number;
+  /**
+   * Whether another open file description holds a lock on `byte` that an exclusive lock would
+   * conflict with: 0 free, 1 held, or -errno. Locks of this description never count.
+   */
+  test(fd: number, byte: number): number;
+}
+
+/** fcntl commands and lock types, identical on x86_64 and arm64 (asm-generic/fcntl.h). */
+const F_OFD_GETLK = 36;
+const F_OFD_SETLK = 37;
+const F_RDLCK = 0;
+const F_WRLCK = 1;
+const F_UNLCK = 2;
+/**
+ * struct flock on x86_64 and arm64 Linux: l_type (short) at 0, l_whence (short) at 2, l_start
+ * (off_t) at 8, l_len (off_t) at 16, l_pid (int) at 24; 32 bytes with padding. Other
+ * architectures differ (mips numbers the types differently): locks are unavailable there.
+ */
+const FLOCK_SIZE = 32;
+const FLOCK_ARCHES = new Set(['x64', 'arm64']);
 
 /** Architectures where off_t and size_t are 64-bit, so plain lseek/fallocate take int64 offsets. */
 const ARCH_64 = new Set(['x64', 'arm64', 'ppc64', 'riscv64', 'loong64', 's390x', 'mips64el']);
@@ -106,6 +138,7 @@ function tryLoad(): NativeFileOps | null {
       const r = toNumber(lseek(fd, offset, whence));
       return r < 0 ? -koffi.errno() : r;
     };
+    const ofdLocks = FLOCK_ARCHES.has(process.arch) ? loadOfdLocks(lib, koffi) : undefined;
     const ops: NativeFileOps = {
       seekData: (fd, offset) => seek(fd, offset, SEEK_DATA),
       seekHole: (fd, offset) => seek(fd, offset, SEEK_HOLE),
@@ -132,10 +165,48 @@ function tryLoad(): NativeFileOps | null {
         });
       },
     };
+    if (ofdLocks) ops.ofdLocks = ofdLocks;
     return ops;
   } catch {
     return null;
   }
+}
+
+/**
+ * fcntl with a struct flock. A kernel without OFD locks (before Linux 3.15) answers EINVAL, which
+ * src/io/lock.ts takes for "locking unavailable" (QEMU then does not lock either).
+ */
+function loadOfdLocks(lib: ReturnType<KoffiLike['load']>, koffi: KoffiLike): OfdLockOps | undefined {
+  let fcntl: KoffiFunction;
+  try {
+    fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
+  } catch {
+    return undefined;
+  }
+  // One flock buffer, reused: every call fills it completely before use.
+  const flock = Buffer.alloc(FLOCK_SIZE);
+  const call = (fd: number, cmd: number, type: number, byte: number): number => {
+    flock.fill(0);
+    flock.writeInt16LE(type, 0);
+    flock.writeInt16LE(0, 2); // SEEK_SET
+    flock.writeBigInt64LE(BigInt(byte), 8);
+    flock.writeBigInt64LE(1n, 16);
+    for (;;) {
+      const r = toNumber(fcntl(fd, cmd, 'void *', flock));
+      if (r >= 0) return 0;
+      const errno = koffi.errno();
+      if (errno !== EINTR) return -errno;
+    }
+  };
+  const ops: OfdLockOps = {
+    set: (fd, byte, unlock) => call(fd, F_OFD_SETLK, unlock ? F_UNLCK : F_RDLCK, byte),
+    test: (fd, byte) => {
+      const r = call(fd, F_OFD_GETLK, F_WRLCK, byte);
+      if (r < 0) return r;
+      return flock.readInt16LE(0) === F_UNLCK ? 0 : 1;
+    },
+  };
+  return ops;
 }
 
 export const NATIVE_ENXIO = ENXIO;

@@ -1,5 +1,7 @@
 // The storage interface: bytes at offsets. Every format reaches bytes only through this.
 
+import type { LockPerms } from './lock.js';
+
 /** One run of a storage's address space: data (allocated) or a hole (reads as zeros, unallocated). */
 export interface StorageExtent {
   offset: number;
@@ -56,6 +58,12 @@ export interface Storage {
   reserveHint?(offset: number, length: number): void;
   /** Bytes the storage occupies on its medium (st_blocks * 512 for files): qemu-img's "disk size". */
   allocatedSize?(): Promise<number>;
+  /**
+   * Takes QEMU's image locks (src/io/lock.ts) for what this user holds and shares, replacing the
+   * ones taken before; throws when another user's locks conflict. Only storages other processes
+   * can see (files) have it; closing releases the locks.
+   */
+  lock?(perms: LockPerms): void;
 }
 
 /**
@@ -85,6 +93,11 @@ export interface OpenStorageOptions {
   readOnly: boolean;
   /** Create the file (truncating an existing one) instead of opening it. */
   create?: boolean;
+  /**
+   * Image locks to take at once (see Storage.lock); with `create`, before an existing file is
+   * truncated. Storages without locks ignore it.
+   */
+  locks?: LockPerms;
 }
 
 /**

@@ -2,6 +2,7 @@
 // through the V8 code cache that scripts/code-cache.mjs makes (src/cli/launch.ts). Built here the
 // way tsup builds it; every output is compared with qemu-img's.
 
+import { LOCKING_UNAVAILABLE_NOTICE } from '../../src/cli/common.js';
 import { execFile } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -103,7 +104,7 @@ describe('dist/cli.cjs with its code cache', () => {
     // QIMG_NO_NATIVE=1: no libzstd, so the bundle must load the WebAssembly build itself.
     const env = { QIMG_NO_NATIVE: '1', QIMG_CODE_CACHE_DEBUG: '1' };
     const c = await run(process.execPath, [cli, 'convert', '-c', '-o', 'compression_type=zstd', '-O', 'qcow2', 'a.qcow2', 'z.qcow2'], dir, env);
-    expect({ code: c.code, stderr: c.stderr }).toEqual({ code: 0, stderr: 'qimg: code cache used\n' });
+    expect({ code: c.code, stderr: c.stderr }).toEqual({ code: 0, stderr: 'qimg: code cache used\n' + LOCKING_UNAVAILABLE_NOTICE });
     // QEMU judges what was written: a clean zstd image with compressed clusters, guest bytes equal to the source's.
     const check = await run('qemu-img', ['check', '--output=json', 'z.qcow2'], dir);
     const report = JSON.parse(check.stdout) as Record<string, unknown>;
@@ -117,7 +118,7 @@ describe('dist/cli.cjs with its code cache', () => {
     expect((await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', 'a.qcow2', 'z.qcow2'], dir)).stdout).toBe('Images are identical.\n');
     // And back: qimg decompresses with the WebAssembly build; QEMU compares the raw result with the source.
     const back = await run(process.execPath, [cli, 'convert', '-O', 'raw', 'z.qcow2', 'z.raw'], dir, env);
-    expect({ code: back.code, stderr: back.stderr }).toEqual({ code: 0, stderr: 'qimg: code cache used\n' });
+    expect({ code: back.code, stderr: back.stderr }).toEqual({ code: 0, stderr: 'qimg: code cache used\n' + LOCKING_UNAVAILABLE_NOTICE });
     expect((await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', 'a.qcow2', 'z.raw'], dir)).stdout).toBe('Images are identical.\n');
   }, 30_000);
 });
