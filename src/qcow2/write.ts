@@ -6,7 +6,7 @@
 // L2 tables before the L1 entries naming them; a relocated table before the header naming it;
 // references dropped (L2/L1 written) before the refcounts are decremented.
 
-import type { Storage } from '../io/storage.js';
+import { readFullZeroFill, type Storage } from '../io/storage.js';
 import type { WriteIo } from '../image.js';
 import { settleAll } from '../async.js';
 import { QimgError, UnsupportedError, UsageError } from '../errors.js';
@@ -21,7 +21,7 @@ import type { L1Table } from './l1.js';
 import type { Refcounts } from './allocator.js';
 import { getCodec } from './compression.js';
 import { writeZeroesRange } from '../sparse/extents.js';
-import { zeroBuffer } from '../io/zero.js';
+import { isZero, zeroBuffer } from '../io/zero.js';
 import { clusterKind, ClusterKind, cowSpan, type ClusterPlan } from './cow.js';
 import type { BitmapTracker } from './bitmaps-write.js';
 import type { BitmapStoreHost } from './bitmaps-resize.js';
@@ -257,6 +257,27 @@ export class Qcow2Writer {
     });
   }
 
+  /**
+   * Runs fn alone with every change written out and flushed; fn commits metadata of its own
+   * (internal snapshots, src/qcow2/snapshot-write.ts), after which the refcounts are read again
+   * from the header fields it leaves in the driver's header.
+   */
+  offline<T>(fn: () => Promise<T>): Promise<T> {
+    return this.exclusiveDrained(async () => {
+      if (this.failed) throw this.failed;
+      if (this.started) {
+        await this.syncAndWriteOut();
+        await this.d.storage.flush();
+      }
+      try {
+        return await fn();
+      } finally {
+        const h = this.d.header;
+        await this.refcounts.reload(h.refcountTableOffset, h.refcountTableClusters);
+      }
+    });
+  }
+
   /** Flushes and, after a clean flush, clears the dirty bit this writer set (lazy refcounts). */
   close(): Promise<void> {
     return this.exclusiveDrained(async () => {
@@ -336,18 +357,32 @@ export class Qcow2Writer {
       let mode = preallocation;
       // As QEMU: a raw external data file keeps its L2 tables fully allocated.
       if (mode === 'off' && g.hasDataFile && (this.d.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n) mode = 'metadata';
+      // bdrv_co_truncate: a backing file reaching past the old end would show through the new
+      // range (unallocated, or preallocated with no data yet), so QEMU asks for it to be zero-filled.
+      // Unknown backing size: assume it reaches (zeros either way, at worst more zero clusters).
+      const zeroFill = io.hasBacking && (io.backingSize ?? Infinity) > old;
+      let zeroFillLeft = zeroFill;
+      // qcow2_grow_l1_table writes the new table and frees the old one before anything else is
+      // allocated (preallocation, or L2 tables for the zero-fill, may reuse its clusters).
+      if (mode !== 'off' || zeroFill) await this.writeOut();
       if (mode !== 'off') {
-        // qcow2_grow_l1_table writes the new table and frees the old one before anything else is allocated.
-        await this.writeOut();
         if (mode === 'metadata' || g.hasDataFile) await this.preallocateMetadata(old, newSize, mode, io);
-        else await this.preallocateFile(old, newSize, mode, io);
+        else {
+          // The file part of the truncate zero-fills the new data clusters itself (a grown file reads
+          // zeros), so their subclusters are linked as allocated instead of zeroed afterwards.
+          await this.preallocateFile(old, newSize, mode, io, zeroFill);
+          zeroFillLeft = false;
+        }
       }
+      if (mode === 'off' && g.hasDataFile) {
+        // qcow2_co_truncate grows an external data file to the new size with the image.
+        const data = await this.d.dataFile();
+        if ((await data.size()) < newSize) await data.truncate(newSize);
+      }
+      if (zeroFillLeft) await this.zeroFillGrown(old, newSize, io);
+      else if (!zeroFill) await this.zeroStaleTail(old, newSize, io);
       this.d.virtualSize = newSize;
       this.headerDirty = true;
-      // Bytes past the old end must read as zeros: the old last cluster's tail, and (with a
-      // backing file) everything the backing file would otherwise show.
-      const tailEnd = io.hasBacking ? newSize : Math.min(newSize, Math.ceil(old / this.cs) * this.cs);
-      if (mode === 'off' && tailEnd > old) await this.zeroRange(old, tailEnd - old, false, io);
     } else {
       const from = Math.ceil(newSize / this.cs) * this.cs;
       if (from < old) {
@@ -407,7 +442,7 @@ export class Qcow2Writer {
     let clusterOffset = INV;
     let hostOffset = INV;
     let cur = 0;
-    const metas: { guest: number; alloc: number; n: number; headLen: number; cowFrom: number; cowTo: number }[] = [];
+    const metas: { guest: number; alloc: number; n: number; headFrom: number; headLen: number; cowFrom: number; cowTo: number }[] = [];
     for (;;) {
       if (hostOffset === INV && clusterOffset !== INV) hostOffset = clusterOffset;
       start += cur;
@@ -461,17 +496,30 @@ export class Qcow2Writer {
       const cowFrom = inCluster + cur;
       const sc = this.sc;
       // Copy-on-write regions: the head of the first cluster (what the guest reads there now) and the tail past the request.
-      metas.push({ guest: guestCluster, alloc, n: nb, headLen: inCluster, cowFrom, cowTo: Math.ceil(cowFrom / sc) * sc });
+      // QEMU's calculate_l2_meta: with subclusters the head copy starts at the subcluster holding
+      // the request's start (or the first allocated one before it); the subclusters before it stay
+      // as they were in the bitmap, so nothing of theirs is copied.
+      let headFrom = 0;
+      if (g.extendedL2 && kind !== ClusterKind.Compressed) {
+        const scIndex = Math.floor(inCluster / sc);
+        const firstAlloc = kind === ClusterKind.Normal && e.bLo !== 0 ? 31 - Math.clz32(e.bLo & -e.bLo) : 32;
+        headFrom = Math.min(scIndex, firstAlloc) * sc;
+      }
+      metas.push({ guest: guestCluster, alloc, n: nb, headFrom, headLen: inCluster - headFrom, cowFrom, cowTo: Math.ceil(cowFrom / sc) * sc });
     }
     const storage = await this.d.dataFile();
+    // Without subclusters the new clusters' bytes are the guest's at once: those reused from freed
+    // space inside the file may hold old data (QEMU 7.2 shows it; qimg zeroes it, see scrubStale).
+    const fileEnd = !g.extendedL2 && !g.hasDataFile ? await storage.size() : 0;
     for (const m of metas) {
       const headLen = m.headLen;
       const host = m.alloc * cs;
+      await this.scrubStale(storage, host + m.headFrom + headLen, Math.min(host + m.n * cs, fileEnd));
       // perform_cow: the start region from the guest's current view, the end region (past the disk) as zeros.
       if (headLen > 0) {
         const head = new Uint8Array(headLen);
-        await io.readGuest(head, m.guest * cs);
-        await storage.write(head, host);
+        await io.readGuest(head, m.guest * cs + m.headFrom);
+        await storage.write(head, host + m.headFrom);
       }
       if (m.cowTo > m.cowFrom) await storage.write(zeroBuffer(m.cowTo - m.cowFrom), host + m.cowFrom);
       await this.linkClusters(m.guest, host, m.n);
@@ -479,15 +527,21 @@ export class Qcow2Writer {
     return { hostOffset, bytes: bytes - remaining };
   }
 
-  /** qcow2_alloc_cluster_link_l2 with prealloc: entries name the new clusters (extended L2 bitmaps stay); old references go. */
-  private async linkClusters(guestCluster: number, host: number, n: number): Promise<void> {
+  /**
+   * qcow2_alloc_cluster_link_l2: entries name the new clusters; old references go. Preallocation
+   * keeps the extended-L2 bitmaps (the subclusters still read as before: zeros, or the backing
+   * file); `allocated` (clusters whose data reads as zeros already) marks every subcluster allocated.
+   */
+  private async linkClusters(guestCluster: number, host: number, n: number, allocated = false): Promise<void> {
     const g = this.g;
     const l1Index = Math.floor(guestCluster / g.l2Entries);
     const { offset: l2Offset, table } = await this.ensureL2(l1Index);
     for (let k = 0; k < n; k++) {
       const idx = guestCluster + k - l1Index * g.l2Entries;
       const old = this.readEntry(table, idx);
-      const next = g.hasDataFile ? this.normalEntry((guestCluster + k) * this.cs, old.bHi, old.bLo) : this.normalEntry(host + k * this.cs, old.bHi, old.bLo);
+      const bHi = allocated ? 0 : old.bHi;
+      const bLo = allocated && g.extendedL2 ? ALL_ONES : old.bLo;
+      const next = this.normalEntry(g.hasDataFile ? (guestCluster + k) * this.cs : host + k * this.cs, bHi, bLo);
       this.writeEntry(table, idx, next);
       if (old.hi !== 0 || old.lo !== 0) {
         if (!(g.hasDataFile && standardHostOffset(old.hi, old.lo) === (guestCluster + k) * this.cs)) this.freeAny(old);
@@ -503,7 +557,7 @@ export class Qcow2Writer {
    * area at the end of the used file, the data clusters right after them (also replacing the old
    * partial last cluster), the file grown with the mode, then the L2 entries linked.
    */
-  private async preallocateFile(old: number, newSize: number, mode: 'falloc' | 'full', io: WriteIo): Promise<void> {
+  private async preallocateFile(old: number, newSize: number, mode: 'falloc' | 'full', io: WriteIo, allocated: boolean): Promise<void> {
     const cs = this.cs;
     const g = this.g;
     const storage = this.d.storage;
@@ -518,6 +572,9 @@ export class Qcow2Writer {
     await this.writeOut();
     const got = await this.refcounts.allocClustersAt(allocationStart, nbData);
     if (got !== nbData) throw new QimgError('IO', 'Failed to allocate data clusters');
+    // Growing the file zeroes only past its old end; the data clusters below it are scrubbed when
+    // the guest sees them (no subclusters, or linked as allocated).
+    if (!g.extendedL2 || allocated) await this.scrubStale(storage, allocationStart * cs + (old % cs), Math.min((allocationStart + nbData) * cs, fileSize));
     await growFile(storage, (allocationStart + nbData) * cs, mode);
     let guest = firstGuest;
     let host = allocationStart * cs;
@@ -531,10 +588,85 @@ export class Qcow2Writer {
         await storage.write(head, host);
         headLen = 0;
       }
-      await this.linkClusters(guest, host, n);
+      await this.linkClusters(guest, host, n, allocated);
       guest += n;
       host += n * cs;
       left -= n;
+    }
+  }
+
+  /**
+   * Zeroes what host range [from, to) holds where it is not zero already: clusters a resize
+   * preallocates from freed space may hold old data that would become guest data (QEMU 7.2 leaves
+   * it; the rule here is that a grown range reads as zeros). Read and written a chunk at a time.
+   */
+  private async scrubStale(storage: Storage, from: number, to: number): Promise<void> {
+    if (to <= from) return;
+    const chunk = Math.min(to - from, 1 << 20);
+    const buf = new Uint8Array(chunk);
+    for (let pos = from; pos < to; pos += chunk) {
+      const view = buf.subarray(0, Math.min(chunk, to - pos));
+      await readFullZeroFill(storage, view, pos);
+      if (!isZero(view)) await storage.write(zeroBuffer(view.length), pos);
+    }
+  }
+
+  /**
+   * The zero-fill of qcow2_co_truncate for a grown range the backing file reaches into: zero
+   * (sub)clusters from the first subcluster boundary at or after the old end (zero flags even
+   * on the clusters just preallocated, which keep their host clusters), then zeros written as
+   * data into the rest of the subcluster holding the old end. Without the zero flag (v2) QEMU
+   * refuses, after any preallocation, and the size stays.
+   */
+  private async zeroFillGrown(old: number, newSize: number, io: WriteIo): Promise<void> {
+    const cs = this.cs;
+    const zeroStart = Math.ceil(old / this.sc) * this.sc;
+    if (newSize > zeroStart) {
+      if (this.d.header.version < 3) throw new UnsupportedError('Failed to zero out new clusters: Operation not supported');
+      const headEnd = Math.min(newSize, Math.ceil(zeroStart / cs) * cs);
+      if (headEnd > zeroStart) await this.zeroSubclusters(zeroStart, headEnd);
+      if (newSize > headEnd) await this.forClustersPerL2(headEnd, newSize, (c, n) => this.zeroClusters(c, n, false));
+    }
+    const headLen = Math.min(zeroStart, newSize) - old;
+    if (headLen > 0) await settleAll(await this.writeRange(old, new Uint8Array(headLen), io));
+  }
+
+  /** QEMU's zero_l2_subclusters: zero bits for the subclusters of [from, to) inside one cluster; a compressed cluster cannot be split. */
+  private async zeroSubclusters(from: number, to: number): Promise<void> {
+    const cs = this.cs;
+    const c = Math.floor(from / cs);
+    const l1Index = Math.floor(c / this.g.l2Entries);
+    const { offset: l2Offset, table } = await this.ensureL2(l1Index);
+    const idx = c - l1Index * this.g.l2Entries;
+    const e = this.readEntry(table, idx);
+    if (clusterKind(this.g, e.hi, e.lo) === ClusterKind.Compressed) {
+      throw new UnsupportedError('Failed to zero out new clusters: Operation not supported');
+    }
+    const s0 = (from - c * cs) / this.sc;
+    const mask = rangeMask(s0, s0 + Math.ceil((to - from) / this.sc));
+    const next = { ...e, bHi: (e.bHi | mask) >>> 0, bLo: (e.bLo & ~mask) >>> 0 };
+    if (next.bHi === e.bHi && next.bLo === e.bLo) return;
+    this.writeEntry(table, idx, next);
+    this.d.l2Cache.markDirty(l2Offset, table);
+  }
+
+  /**
+   * Bytes past the old end inside its last cluster that do not read as zeros (left there by a
+   * shrink into the cluster) are zeroed before the image grows over them. QEMU 7.2 shows them
+   * again; qimg keeps the rule that a grown range reads as zeros. Nothing changes when the tail
+   * already reads as zeros, the usual case, so the metadata stays what qemu-img writes.
+   */
+  private async zeroStaleTail(old: number, newSize: number, io: WriteIo): Promise<void> {
+    const end = Math.min(newSize, Math.ceil(old / this.cs) * this.cs);
+    if (end <= old) return;
+    const tail = new Uint8Array(end - old);
+    // The guest's view of the tail, as it would read once grown (reads stop at the virtual size).
+    this.d.virtualSize = end;
+    try {
+      await io.readGuest(tail, old);
+      if (!isZero(tail)) await this.zeroRange(old, end - old, false, io);
+    } finally {
+      this.d.virtualSize = old;
     }
   }
 

@@ -1,7 +1,9 @@
 // Model-based property test of the qcow2 write engine: random sequences of write, writeZeroes
-// (with and without mayUnmap), discard, writeCompressed, flush and close+reopen, applied both to
+// (with and without mayUnmap), discard, writeCompressed, resize (growing with each preallocation
+// mode, or shrinking), flush and close+reopen, applied both to
 // the image through qimg and to a plain byte-array model of the guest disk with QEMU 7.2's
-// semantics (test/helpers/model.ts). After each sequence the image must pass `qemu-img check` with
+// semantics (test/helpers/model.ts; a grown range reads as zeros whatever the backing file holds
+// there, and QEMU's refusals are predicted). After each sequence the image must pass `qemu-img check` with
 // no errors and no leaks, and `qemu-img convert -O raw` (and qimg's own read) must equal the model.
 //
 // Shapes: cluster sizes 512 B .. 2 MiB, refcount widths 1..64, compat 0.10 / 1.1, extended L2,
@@ -24,9 +26,15 @@ import { checkProperty } from '../helpers/property.js';
 import { createImage } from '../../src/create.js';
 import { KiB, MiB, qemuImg, qemuIo, referenceRaw, run, tmpDir, withImage } from '../helpers/qemu.js';
 import {
-  type DiskOp, type DiskShape, EngineMissing, applyOp, describeDiff, describeOp, firstDiff, openWritable, parseCheck,
-  runOp, type WritableImage,
+  type DiskOp, type DiskShape, EngineMissing, type ResizableImage, type ResizeOp, type ResizeShape, applyOp, applyResize,
+  describeDiff, describeOp, describeResize, firstDiff, openWritable, parseCheck, resizeRefusal, runOp, runResize,
+  type WritableImage,
 } from '../helpers/model.js';
+
+/** The ops a sequence draws: the engine's DiskOps and resizes. */
+type ModelOp = DiskOp | ResizeOp;
+
+const describeModelOp = (op: ModelOp): string => (op.k === 'resize' ? describeResize(op) : describeOp(op));
 
 const dir = tmpDir('qimg-write-model-');
 /** qemu-io `write -s` source for prefilled data. */
@@ -44,7 +52,7 @@ interface Params {
   extendedL2: boolean;
   lazyRefcounts: boolean;
   backing: 'none' | 'raw' | 'qcow2';
-  /** The backing file is this many sectors shorter than the overlay. */
+  /** The backing file is this many sectors shorter than the overlay (negative: longer). */
   backingShortBy: number;
   creator: 'qemu-img' | 'qimg';
   /** Clusters prefilled by qemu-io before qimg writes: c = compressed, w = data, z = zero. */
@@ -54,6 +62,8 @@ interface Params {
    * in call order while data writes are still in flight), instead of one after the other.
    */
   concurrent: boolean;
+  /** The sequence may resize the disk (half of them: resizes cost fsyncs and bigger images). */
+  resizes: boolean;
 }
 
 const sizeOf = (p: Params): number => p.clusters * p.clusterSize + p.tailSectors * 512;
@@ -70,9 +80,15 @@ function paramsArb(clusterSize: number): fc.Arbitrary<Params> {
       extendedL2: fc.boolean(),
       lazyRefcounts: fc.oneof({ weight: 3, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) }),
       backing: fc.constantFrom('none' as const, 'none' as const, 'raw' as const, 'qcow2' as const),
-      backingShortBy: fc.oneof(fc.constant(0), fc.integer({ min: 1, max: 3 * Math.max(1, clusterSize / 512) })),
+      backingShortBy: fc.oneof(
+        fc.constant(0),
+        fc.integer({ min: 1, max: 3 * Math.max(1, clusterSize / 512) }),
+        // Longer: a grown disk would show its data unless the resize hides it.
+        fc.integer({ min: 1, max: 3 * Math.max(1, clusterSize / 512) }).map((k) => -k),
+      ),
       creator: fc.constantFrom('qemu-img' as const, 'qimg' as const),
       concurrent: fc.boolean(),
+      resizes: fc.boolean(),
       prefill: fc.oneof(
         { weight: 2, arbitrary: fc.constant([] as Params['prefill']) },
         {
@@ -122,10 +138,22 @@ function rangeArb(p: Params): fc.Arbitrary<{ off: number; len: number }> {
   return fc.tuple(off, len).map(([o, l]) => ({ off: o, len: Math.min(l, size - o) }));
 }
 
-function opsArb(p: Params): fc.Arbitrary<DiskOp[]> {
+function opsArb(p: Params): fc.Arbitrary<ModelOp[]> {
   const range = rangeArb(p);
+  const size = sizeOf(p);
+  const cs = p.clusterSize;
+  // New sizes: a few sectors to clusters past the start size, double it, or smaller (a shrink,
+  // often into a cluster). Ops drawn for the start size are cut to the size at their turn (legalOps).
+  const newSize = fc.oneof(
+    { weight: 2, arbitrary: fc.integer({ min: 1, max: Math.max(1, (3 * cs) / 512) }).map((k) => size + k * 512) },
+    { weight: 1, arbitrary: fc.constant(Math.ceil((size * 1.5) / 512) * 512) },
+    { weight: 2, arbitrary: fc.integer({ min: 1, max: size / 512 - 1 }).map((k) => k * 512) },
+  );
+  const resize: fc.Arbitrary<ResizeOp> = fc
+    .tuple(newSize, fc.constantFrom('off' as const, 'off' as const, 'metadata' as const, 'metadata' as const, 'falloc' as const, 'full' as const))
+    .map(([n, prealloc]) => ({ k: 'resize' as const, size: n, prealloc }));
   const fill = fc.oneof(fc.constant(0), fc.integer({ min: 1, max: 255 }), fc.integer({ min: 256, max: 0x7fffffff }));
-  const op: fc.Arbitrary<DiskOp> = fc.oneof(
+  const op: fc.Arbitrary<ModelOp> = fc.oneof(
     { weight: 6, arbitrary: fc.tuple(range, fill).map(([r, f]) => ({ k: 'write' as const, ...r, fill: f })) },
     { weight: 3, arbitrary: fc.tuple(range, fc.boolean()).map(([r, u]) => ({ k: 'zero' as const, ...r, unmap: u })) },
     { weight: 3, arbitrary: range.map((r) => ({ k: 'discard' as const, ...r })) },
@@ -137,32 +165,63 @@ function opsArb(p: Params): fc.Arbitrary<DiskOp[]> {
     },
     { weight: 1, arbitrary: fc.constant({ k: 'flush' as const }) },
     { weight: 1, arbitrary: fc.constant({ k: 'reopen' as const }) },
+    { weight: p.resizes ? 3 : 0, arbitrary: resize },
   );
   return fc.array(op, { minLength: 1, maxLength: p.clusterSize >= 2 * MiB ? 10 : 28 });
 }
 
+/** The backing file's virtual size (0 without one). */
+const backingSizeOf = (p: Params): number => (p.backing === 'none' ? 0 : Math.max(512, sizeOf(p) - p.backingShortBy * 512));
+
 /**
- * Drops compressed writes into clusters that are not pristine (touched by the prefill or by an
- * earlier op): the engine, like QEMU, compresses only into unallocated clusters.
+ * Makes the drawn ops legal for the disk at their turn: drops compressed writes into clusters that
+ * are not pristine (touched by the prefill or by an earlier op; the engine, like QEMU, compresses
+ * only into unallocated clusters) and ops past the current size (cut at it when they start inside);
+ * a shrink never preallocates. Resizes the model cannot predict are dropped: extended L2 refusing
+ * to split a compressed cluster holding the old end into zero subclusters.
  */
-function legalOps(p: Params, ops: DiskOp[]): DiskOp[] {
+function legalOps(p: Params, ops: ModelOp[]): ModelOp[] {
   const cs = p.clusterSize;
+  const sc = p.extendedL2 ? cs / 32 : cs;
   const touched = new Set<number>(p.prefill.map((f) => f.cluster));
-  const out: DiskOp[] = [];
+  const compressed = new Set<number>(p.prefill.filter((f) => f.kind === 'c').map((f) => f.cluster));
+  const backingSize = backingSizeOf(p);
+  let size = sizeOf(p);
+  const out: ModelOp[] = [];
   for (const op of ops) {
     if (op.k === 'flush' || op.k === 'reopen') {
       out.push(op);
       continue;
     }
-    if (op.k === 'compressed') {
-      const c = op.off / cs;
-      if (touched.has(c)) continue;
-      touched.add(c);
-      out.push(op);
+    if (op.k === 'resize') {
+      if (op.size === size) continue;
+      const r: ResizeOp = op.size < size ? { ...op, prealloc: 'off' } : op;
+      const zeroFill = backingSize > size && r.size > size;
+      const zeroStart = Math.ceil(size / sc) * sc;
+      if (p.extendedL2 && zeroFill && r.prealloc === 'off' && compressed.has(Math.floor(size / cs)) && zeroStart % cs !== 0 && r.size > zeroStart) continue;
+      out.push(r);
+      const shape: ResizeShape = { virtualSize: size, clusterSize: cs, version: p.compat === '1.1' ? 3 : 2, hasBacking: p.backing !== 'none', backingSize };
+      if (resizeRefusal(shape, r) === null) {
+        // Clusters wholly past a shrunk end are freed: pristine again; grown ones may be allocated.
+        if (r.size < size) for (let c = Math.ceil(r.size / cs); c < Math.ceil(size / cs); c++) touched.delete(c);
+        else for (let c = Math.floor(size / cs); c < Math.ceil(r.size / cs); c++) touched.add(c);
+        size = r.size;
+      }
       continue;
     }
-    for (let c = Math.floor(op.off / cs); c <= Math.floor((op.off + op.len - 1) / cs); c++) touched.add(c);
-    out.push(op);
+    if (op.off >= size) continue;
+    const o = op.off + op.len > size ? { ...op, len: size - op.off } : op;
+    if (o.k === 'compressed') {
+      const c = o.off / cs;
+      // Whole clusters only (the last may end at the disk's end).
+      if (touched.has(c) || (o.len !== cs && o.off + o.len !== size)) continue;
+      touched.add(c);
+      compressed.add(c);
+      out.push(o);
+      continue;
+    }
+    for (let c = Math.floor(o.off / cs); c <= Math.floor((o.off + o.len - 1) / cs); c++) touched.add(c);
+    out.push(o);
   }
   return out;
 }
@@ -202,7 +261,7 @@ async function build(p: Params): Promise<Built> {
   let backingFormat: 'raw' | 'qcow2' | undefined;
   let backingBytes: Uint8Array | undefined;
   if (p.backing !== 'none') {
-    const baseSize = Math.max(512, size - p.backingShortBy * 512);
+    const baseSize = backingSizeOf(p);
     const raw = join(runDir, 'base.raw');
     backingBytes = randomBytes(baseSize);
     writeFileSync(raw, backingBytes);
@@ -261,24 +320,26 @@ function initialModel(p: Params, b: Built): Uint8Array {
   return model;
 }
 
-function repro(p: Params, b: Built, ops: DiskOp[], upTo = ops.length): string {
+function repro(p: Params, b: Built, ops: ModelOp[], upTo = ops.length): string {
   const lines = [
     `params: ${JSON.stringify(p)}`,
     ...b.setup.map((s) => `  $ ${s}`),
     `ops (${upTo} of ${ops.length}):`,
-    ...ops.slice(0, upTo).map((op, i) => `  ${i}: ${describeOp(op)}`),
+    ...ops.slice(0, upTo).map((op, i) => `  ${i}: ${describeModelOp(op)}`),
   ];
   return lines.join('\n');
 }
 
-async function property(p: Params, rawOps: DiskOp[]): Promise<void> {
+async function property(p: Params, rawOps: ModelOp[]): Promise<void> {
   const ops = legalOps(p, rawOps);
   const b = await build(p);
-  const shape: DiskShape = { virtualSize: sizeOf(p), clusterSize: p.clusterSize, version: p.compat === '1.1' ? 3 : 2, hasBacking: p.backing !== 'none' };
+  const shape: ResizeShape = {
+    virtualSize: sizeOf(p), clusterSize: p.clusterSize, version: p.compat === '1.1' ? 3 : 2, hasBacking: p.backing !== 'none', backingSize: backingSizeOf(p),
+  };
   let done = 0;
-  let image: WritableImage | undefined;
+  let image: ResizableImage | undefined;
   try {
-    const model = initialModel(p, b);
+    let model = initialModel(p, b);
     image = await openEngine(b.file, b.runDir);
     // Concurrent: issued in order, settled together (every one awaited, the first failure thrown).
     const inFlight: Promise<void>[] = [];
@@ -289,6 +350,19 @@ async function property(p: Params, rawOps: DiskOp[]): Promise<void> {
         await image.close();
         image = undefined;
         image = await openEngine(b.file, b.runDir);
+      } else if (op.k === 'resize') {
+        // Waits for the ops before it (a resize is queued after them anyway).
+        await settle();
+        const refusal = resizeRefusal(shape, op);
+        if (refusal === null) {
+          await runResize(image, op);
+          model = applyResize(model, op);
+          shape.virtualSize = op.size;
+        } else {
+          const err = await runResize(image, op).then(() => null, (e: unknown) => e as Error);
+          // (qemu-io's failure quotes QEMU's message among its output.)
+          if (!err?.message.includes(refusal)) throw new Error(`${describeResize(op)}: expected the refusal "${refusal}", got ${err ? `"${err.message}"` : 'success'}`);
+        }
       } else if (p.concurrent) {
         inFlight.push(runOp(image, op));
         applyOp(model, shape, op);
@@ -329,7 +403,7 @@ async function property(p: Params, rawOps: DiskOp[]): Promise<void> {
  */
 const viaQemuIo = process.env.QIMG_WRITE_ENGINE === 'qemu-io';
 
-function qemuIoWritable(file: string, runDir: string): WritableImage {
+function qemuIoWritable(file: string, runDir: string): ResizableImage {
   const cmds: string[] = [];
   let n = 0;
   const data = (d: Uint8Array): string => {
@@ -353,14 +427,21 @@ function qemuIoWritable(file: string, runDir: string): WritableImage {
       cmds.push(`write -c -s ${data(d)} ${off} ${d.length}`);
     },
     flush: async () => void cmds.push('flush'),
+    // In a session of its own, after the commands before it (a refusal fails only this one).
+    // QEMU 7.2 shows again the bytes a shrink left in the old last cluster, which the model (and
+    // qimg) say read as zeros: sequences that shrink into a cluster and grow again fail here.
+    resize: async (size, o) => {
+      await qemuIo(file, [...cmds.splice(0), `truncate -m ${o.preallocation ?? 'off'} ${size}`]);
+    },
     close: async () => {
       await qemuIo(file, cmds.splice(0));
     },
   };
 }
 
-function openEngine(file: string, runDir: string): Promise<WritableImage> {
-  return viaQemuIo ? Promise.resolve(qemuIoWritable(file, runDir)) : openWritable(file, { format: 'qcow2' });
+function openEngine(file: string, runDir: string): Promise<ResizableImage> {
+  // openWritable gives an Image, which has resize.
+  return viaQemuIo ? Promise.resolve(qemuIoWritable(file, runDir)) : (openWritable(file, { format: 'qcow2' }) as Promise<ResizableImage>);
 }
 
 let probed: Promise<void> | undefined;
