@@ -347,6 +347,27 @@ export class Refcounts {
     return end;
   }
 
+  /**
+   * Forgets every cached block and reads the refcount table at tableOffset again: the metadata was
+   * committed behind this writer (internal snapshots, snapshot-write.ts) while it had nothing pending.
+   */
+  async reload(tableOffset: number, tableClusters: number): Promise<void> {
+    if (this.pending.length > 0 || this.blocks.hasDirty || this.relocated) {
+      throw new QimgError('USAGE', 'Refcounts cannot be reloaded with changes pending');
+    }
+    const table = new Uint8Array(tableClusters * this.cs);
+    await readFullZeroFill(this.storage, table, tableOffset);
+    this.table = table;
+    this.tableView = new DataView(table.buffer);
+    this.tableOffset = tableOffset;
+    this.tableClusters = tableClusters;
+    this.blocks.clear();
+    this.dirtyLo = Infinity;
+    this.dirtyHi = -1;
+    this.freeClusterIndex = 0;
+    this.freeByteOffset = 0;
+  }
+
   /** Drops one reference from every host cluster [offset, offset+length) touches, once the referrers are written. */
   freeLater(offset: number, length: number): void {
     this.pending.push([offset, length]);
