@@ -7,7 +7,7 @@
 import { QimgError } from '../errors.js';
 import type { FeatureName, Qcow2Header } from './header.js';
 import {
-  EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, MAX_BACKING_NAME,
+  AUTOCLEAR_DATA_FILE_RAW, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, MAX_BACKING_NAME,
   QCOW2_MAGIC, V2_HEADER_LENGTH,
 } from './layout.js';
 
@@ -145,4 +145,38 @@ export function serializeHeader(header: HeaderToWrite, options: { featureTable?:
 function setU64(view: DataView, at: number, value: number): void {
   view.setUint32(at, Math.floor(value / 4294967296));
   view.setUint32(at + 4, value >>> 0);
+}
+
+/**
+ * Cluster 0 naming a new backing file (or none: `name` undefined) and backing format, as QEMU's
+ * qcow2_change_backing_file rewrites it through qcow2_update_header: the name follows the
+ * extensions, the format lives in its extension. The caller writes the returned cluster in one
+ * write, so a crash leaves either the old header or the new one. `header` is updated only when
+ * the new header fits; errors carry QEMU's errno (EINVAL: name longer than 1023 bytes, or a
+ * backing file for an image whose raw data file must stay self-contained; ENOSPC: no room in
+ * cluster 0).
+ */
+export function backingFileHeader(header: HeaderToWrite, name: string | undefined, format: string | undefined): Uint8Array {
+  const invalid = (): QimgError => new QimgError('USAGE', 'Invalid argument', { errno: 'EINVAL' });
+  if (name !== undefined && (header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n) throw invalid();
+  if (name !== undefined && encoder.encode(name).length > MAX_BACKING_NAME) throw invalid();
+  const next: HeaderToWrite = { ...header, size: Math.floor(header.size / 512) * 512 };
+  if (name === undefined) delete next.backingFile;
+  else next.backingFile = name;
+  if (format === undefined) delete next.backingFormat;
+  else next.backingFormat = format;
+  let bytes: Uint8Array;
+  try {
+    bytes = serializeHeader(next);
+  } catch (e) {
+    if (e instanceof QimgError && e.data.errno === 'ENOSPC') {
+      throw new QimgError('USAGE', 'No space left on device', { errno: 'ENOSPC' });
+    }
+    throw e;
+  }
+  if (name === undefined) delete header.backingFile;
+  else header.backingFile = name;
+  if (format === undefined) delete header.backingFormat;
+  else header.backingFormat = format;
+  return bytes;
 }
