@@ -4,8 +4,9 @@
 import type { Storage } from './io/storage.js';
 import { readFullZeroFill } from './io/storage.js';
 import { storageExtents } from './sparse/extents.js';
+import { settleAll } from './async.js';
 import { UnsupportedError, UsageError } from './errors.js';
-import type { ImageInfo } from './info.js';
+import type { ImageInfo, SnapshotInfo } from './info.js';
 
 export type ImageFormat = 'qcow2' | 'raw';
 
@@ -34,6 +35,11 @@ export interface WriteIo {
   readGuest(buf: Uint8Array, guestOffset: number): Promise<void>;
   hasBacking: boolean;
   /**
+   * The backing image's virtual size (0 without one). Growing an image, QEMU zero-fills the new
+   * range only when the backing file reaches past the old end (bdrv_co_truncate's ZERO_WRITE).
+   */
+  backingSize?: number;
+  /**
    * True when block status through the whole chain says the range reads as zeros (QEMU's
    * bdrv_co_is_zero_fast: metadata only, data that happens to be zero does not count). An empty
    * range is zero.
@@ -52,6 +58,18 @@ export interface ResizeOptions {
   preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
   /** Told what qemu-img would warn about without failing (qcow2: persistent bitmaps that could not be stored and stay in_use). */
   onWarning?: (message: string) => void;
+}
+
+/** Fields of a new internal snapshot; by default those qemu-img snapshot -c writes. */
+export interface CreateSnapshotOptions {
+  /** Seconds since the epoch (default: now). */
+  dateSec?: number;
+  /** Nanoseconds within the second (default: now, microsecond precision as QEMU takes it). */
+  dateNsec?: number;
+  /** Guest run time in nanoseconds (default 0: qemu-img has no running guest). */
+  vmClockNsec?: number;
+  /** Record/replay instruction count, -1 for none (default 0, as qemu-img writes). */
+  icount?: number;
 }
 
 /** What a format supplies to the generic layer. */
@@ -82,6 +100,15 @@ export interface FormatDriver {
   writeCompressed?(guestOffset: number, data: Uint8Array, io: WriteIo): Promise<void>;
   flush?(): Promise<void>;
   resize?(newSize: number, options: ResizeOptions, io: WriteIo): Promise<void>;
+  // Internal snapshots (qcow2). Absent: the format has none.
+  snapshotList?(): SnapshotInfo[];
+  createSnapshot?(name: string, options?: CreateSnapshotOptions): Promise<SnapshotInfo>;
+  applySnapshot?(idOrName: string): Promise<void>;
+  deleteSnapshot?(which: string | { id?: string; name?: string }): Promise<SnapshotInfo>;
+  /** Names another backing file and format in the image's metadata (undefined: none). */
+  changeBackingFile?(name: string | undefined, format: string | undefined): Promise<void>;
+  /** Makes the whole image unallocated, so that it reads through to its backing file. */
+  makeEmpty?(): Promise<void>;
 }
 
 /**
@@ -114,6 +141,7 @@ export class Image {
     this.io = {
       readGuest: (buf, offset) => this.readInto(buf, offset),
       hasBacking: backing !== null,
+      backingSize: backing?.virtualSize ?? 0,
       readsAsZero: (offset, length) => this.readsAsZero(offset, length),
     };
   }
@@ -176,6 +204,64 @@ export class Image {
     await this.method('resize')(newSize, options, this.io);
   }
 
+  /**
+   * Names another backing file (`undefined`: none) and its format in the metadata; the open chain
+   * is not changed (reopen to read through the new one). Formats without backing files refuse.
+   */
+  async changeBackingFile(name: string | undefined, format: string | undefined): Promise<void> {
+    if (this.readOnly) throw new UsageError(`${this.storage.name}: cannot change the backing file: the image is open read-only`);
+    const fn = this.driver.changeBackingFile;
+    if (!fn) throw new UnsupportedError('Operation not supported', { errno: 'ENOTSUP' });
+    await fn.call(this.driver, name, format);
+  }
+
+  /** Makes the whole image unallocated (reads go through to the backing file). */
+  async makeEmpty(): Promise<void> {
+    if (this.readOnly) throw new UsageError(`${this.storage.name}: cannot empty: the image is open read-only`);
+    const fn = this.driver.makeEmpty;
+    if (!fn) throw new UnsupportedError('Operation not supported', { errno: 'ENOTSUP' });
+    await fn.call(this.driver);
+  }
+
+  // ---- internal snapshots
+
+  private snapshotMethod<K extends 'snapshotList' | 'createSnapshot' | 'applySnapshot' | 'deleteSnapshot'>(name: K, write: boolean): NonNullable<FormatDriver[K]> {
+    const fn = this.driver[name];
+    // errno ENOTSUP: QEMU's answer for a format without snapshots (qemu-img prints it for -c).
+    if (!fn) throw new UnsupportedError(`Block format '${this.format}' does not support internal snapshots`, { errno: 95 });
+    if (write && this.readOnly) throw new UsageError(`${this.storage.name}: cannot change snapshots: the image is open read-only`);
+    return fn.bind(this.driver) as NonNullable<FormatDriver[K]>;
+  }
+
+  /** The internal snapshots, in table order. Throws UnsupportedError for formats (or images) that cannot hold any. */
+  snapshots(): SnapshotInfo[] {
+    return this.snapshotMethod('snapshotList', false)();
+  }
+
+  /**
+   * Takes an internal snapshot of the active image (qemu-img snapshot -c): the new snapshot gets
+   * the next free numeric id; names need not be unique. The image must be open writable.
+   */
+  async createSnapshot(name: string, options: CreateSnapshotOptions = {}): Promise<SnapshotInfo> {
+    return this.snapshotMethod('createSnapshot', true)(name, options);
+  }
+
+  /**
+   * Reverts the active image to a snapshot (qemu-img snapshot -a), found by id, else by name; the
+   * virtual size becomes the snapshot's. Refused when the image has persistent bitmaps (as QEMU).
+   */
+  async applySnapshot(idOrName: string): Promise<void> {
+    await this.snapshotMethod('applySnapshot', true)(idOrName);
+  }
+
+  /**
+   * Deletes a snapshot, freeing the clusters only it used: a string is looked up as an id, else as a
+   * name; `{ id, name }` must match both (either may be left out). Returns what was deleted.
+   */
+  async deleteSnapshot(which: string | { id?: string; name?: string }): Promise<SnapshotInfo> {
+    return this.snapshotMethod('deleteSnapshot', true)(which);
+  }
+
   get format(): ImageFormat {
     return this.driver.format;
   }
@@ -205,6 +291,12 @@ export class Image {
       throw new UsageError(`read of ${length} bytes at ${offset} is outside the image (size ${this.virtualSize})`);
     }
     const ios: Promise<void>[] = [];
+    // Reads are awaited only once every lookup is done; one that fails meanwhile must not count as
+    // an unhandled rejection (settleAll below still sees it).
+    const issue = (io: Promise<void>): void => {
+      io.catch(() => undefined);
+      ios.push(io);
+    };
     // Pending coalesced data run.
     let dStorage: Storage | null = null;
     let dHost = 0;
@@ -214,49 +306,57 @@ export class Image {
     let bPos = -1;
     let bLen = 0;
     const flushData = (): void => {
-      if (dStorage && dLen > 0) ios.push(readFullZeroFill(dStorage, buf.subarray(dPos, dPos + dLen), dHost));
+      if (dStorage && dLen > 0) issue(readFullZeroFill(dStorage, buf.subarray(dPos, dPos + dLen), dHost));
       dStorage = null;
       dLen = 0;
     };
     const flushBacking = (): void => {
-      if (bLen > 0) ios.push(this.readFromBacking(buf.subarray(bPos, bPos + bLen), offset + bPos));
+      if (bLen > 0) issue(this.readFromBacking(buf.subarray(bPos, bPos + bLen), offset + bPos));
       bLen = 0;
       bPos = -1;
     };
     let pos = 0;
-    while (pos < length) {
-      const m = await this.driver.getMapping(offset + pos, length - pos);
-      const n = Math.min(m.length, length - pos);
-      if (m.kind !== 'unallocated') flushBacking();
-      if (m.kind !== 'data') flushData();
-      switch (m.kind) {
-        case 'data':
-          if (dStorage === m.storage && dHost + dLen === m.hostOffset) {
-            dLen += n;
-          } else {
-            flushData();
-            dStorage = m.storage;
-            dHost = m.hostOffset;
-            dPos = pos;
-            dLen = n;
-          }
-          break;
-        case 'zero':
-          buf.fill(0, pos, pos + n);
-          break;
-        case 'unallocated':
-          if (bLen === 0) bPos = pos;
-          bLen += n;
-          break;
-        case 'compressed':
-          ios.push(this.driver.readCompressed(offset + pos, buf.subarray(pos, pos + n)));
-          break;
+    try {
+      while (pos < length) {
+        const m = await this.driver.getMapping(offset + pos, length - pos);
+        const n = Math.min(m.length, length - pos);
+        if (m.kind !== 'unallocated') flushBacking();
+        if (m.kind !== 'data') flushData();
+        switch (m.kind) {
+          case 'data':
+            if (dStorage === m.storage && dHost + dLen === m.hostOffset) {
+              dLen += n;
+            } else {
+              flushData();
+              dStorage = m.storage;
+              dHost = m.hostOffset;
+              dPos = pos;
+              dLen = n;
+            }
+            break;
+          case 'zero':
+            buf.fill(0, pos, pos + n);
+            break;
+          case 'unallocated':
+            if (bLen === 0) bPos = pos;
+            bLen += n;
+            break;
+          case 'compressed':
+            issue(this.driver.readCompressed(offset + pos, buf.subarray(pos, pos + n)));
+            break;
+        }
+        pos += n;
       }
-      pos += n;
+    } catch (e) {
+      // A failed mapping lookup must not leave the reads already issued unawaited (an unhandled
+      // rejection when one fails) or still filling the caller's buffer after we return.
+      await Promise.allSettled(ios);
+      throw e;
     }
     flushData();
     flushBacking();
-    await Promise.all(ios);
+    // Every read settles before the first failure is thrown (the buffer is the caller's again).
+    await settleAll(ios);
   }
 
   /** Reads an unallocated range through the backing chain; past the backing's end reads zeros. */

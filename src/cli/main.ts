@@ -5,13 +5,17 @@ import { availableParallelism } from 'node:os';
 import { runInNewContext } from 'node:vm';
 import packageJson from '../../package.json';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, PROGRAM, reportError, usageError, type CliContext, type CliOutput } from './common.js';
+import { CliError, PROGRAM, reportError, usageError, withLockNotice, type CliContext, type CliOutput } from './common.js';
 import { cmdInfo } from './info.js';
 import { cmdMap } from './map.js';
 import { cmdConvert } from './convert.js';
 import { cmdCreate } from './create.js';
 import { cmdCheck } from './check.js';
+import { cmdCompare } from './compare.js';
 import { cmdResize } from './resize.js';
+import { cmdSnapshot } from './snapshot.js';
+import { cmdCommit } from './commit.js';
+import { cmdRebase } from './rebase.js';
 
 const VERSION: string = packageJson.version;
 
@@ -24,11 +28,15 @@ Disk image utility (qcow2 and raw), speaking qemu-img's command line
 
 Command syntax:
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   convert [-U] [-c] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-m num] [-W] [--target-is-zero] [-n] [-p | -q] [--progress=json] filename [filename2 [...]] output_filename
+  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
+  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
   map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename
+  rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename
 
 Supported formats: qcow2 raw
 
@@ -43,11 +51,15 @@ type Command = (args: string[], ctx: CliContext, showHelp: () => number) => Prom
 
 const COMMANDS: Record<string, Command> = {
   check: cmdCheck,
+  compare: cmdCompare,
+  commit: cmdCommit,
   convert: cmdConvert,
   create: cmdCreate,
   info: cmdInfo,
   map: cmdMap,
+  rebase: cmdRebase,
   resize: cmdResize,
+  snapshot: cmdSnapshot,
 };
 
 const MAIN_OPTIONS: OptionSpec[] = [
@@ -75,10 +87,11 @@ export async function main(argv: readonly string[], ctx: CliContext): Promise<nu
     const [name, ...rest] = operands as [string, ...string[]];
     const command = COMMANDS[name];
     if (!command) throw usageError(`Command not found: ${name}`);
-    return await command(rest, ctx, () => {
+    // Images opened without the locks they want (no native helpers) get a one-line notice.
+    return await withLockNotice(ctx, () => command(rest, ctx, () => {
       ctx.stdout.write(HELP);
       return 0;
-    });
+    }));
   } catch (e) {
     return reportError(ctx, e);
   }

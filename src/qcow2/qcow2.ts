@@ -1,8 +1,8 @@
 // The qcow2 driver: opens an image (or one of its snapshots) and answers the shallow mapping the
 // generic layer in src/image.ts builds reads and block status on.
 
-import type { FormatDriver, ShallowMapping, WriteIo } from '../image.js';
-import type { ImageInfo, Qcow2SpecificInfo } from '../info.js';
+import type { CreateSnapshotOptions, FormatDriver, ShallowMapping, WriteIo } from '../image.js';
+import type { ImageInfo, Qcow2SpecificInfo, SnapshotInfo } from '../info.js';
 import type { Storage } from '../io/storage.js';
 import { readFullZeroFill } from '../io/storage.js';
 import { Limiter } from '../async.js';
@@ -22,7 +22,13 @@ import { BitmapTracker } from './bitmaps-write.js';
 import { findSnapshot, readSnapshotTable, type Qcow2Snapshot } from './snapshots.js';
 import { readBitmapDirectory } from './bitmaps.js';
 import { RefcountReader } from './refcount.js';
+import {
+  ERRNO, SnapshotError, applySnapshot, createSnapshot, deleteSnapshot, type SnapshotCommit, type SnapshotHost,
+} from './snapshot-write.js';
+import { findSnapshotIndexByIdOrName } from './snapshots.js';
 import { getCodec, type ClusterCodec } from './compression.js';
+import { backingFileHeader } from './header-write.js';
+import { makeEmpty } from './make-empty.js';
 
 /** Default bound on cached L2 tables: a sequential read keeps few tables hot; a 16 TiB image stays small. */
 const L2_CACHE_BYTES = 4 * 1024 * 1024;
@@ -55,6 +61,8 @@ export class Qcow2Driver implements FormatDriver {
   /** L2 tables, shared by reads and the writer (reads see tables not yet written). */
   readonly l2Cache: MetaCache;
   private readonly writer: Qcow2Writer | null;
+  /** The writer's refcounts (null when read-only), for emptying the image (make-empty.ts). */
+  private readonly refcounts: Refcounts | null;
   private readonly subclusterSize: number;
   private readonly openDataFileFn?: (name: string) => Promise<Storage>;
   private dataStorage: Promise<Storage> | null = null;
@@ -87,6 +95,7 @@ export class Qcow2Driver implements FormatDriver {
     this.l2Cache = new MetaCache(storage, this.clusterSize, refcounts ? L2_CACHE_BYTES_WRITABLE : L2_CACHE_BYTES, 2);
     this.openDataFileFn = options.openDataFile;
     this.writer = refcounts ? new Qcow2Writer(this, refcounts, bitmaps) : null;
+    this.refcounts = refcounts;
   }
 
   get readOnly(): boolean {
@@ -401,10 +410,7 @@ export class Qcow2Driver implements FormatDriver {
       encrypted: h.cryptMethod !== 0,
       ...(h.backingFile !== undefined ? { backingFilename: h.backingFile } : {}),
       ...(h.backingFormat !== undefined ? { backingFilenameFormat: h.backingFormat } : {}),
-      snapshots: this.snapshots.map((s) => ({
-        id: s.id, name: s.name, vmStateSize: s.vmStateSize, dateSec: s.dateSec, dateNsec: s.dateNsec,
-        vmClockNsec: s.vmClockNsec, diskSize: s.diskSize, ...(s.icount >= 0 ? { icount: s.icount } : {}),
-      })),
+      snapshots: this.snapshots.map(snapshotInfo),
       formatSpecific: specific,
     };
   }
@@ -448,6 +454,99 @@ export class Qcow2Driver implements FormatDriver {
     return this.requireWriter().resize(newSize, options.shrink ?? false, io, mode, options.onWarning);
   }
 
+  /**
+   * Names another backing file (or none) in the header, as qcow2_change_backing_file: everything
+   * written so far is flushed first, so the one header write names only metadata on disk. Call
+   * with no other operation on this image in flight.
+   */
+  async changeBackingFile(name: string | undefined, format: string | undefined): Promise<void> {
+    this.requireWriter();
+    await this.flush();
+    await this.storage.write(backingFileHeader(this.header, name, format), 0);
+    await this.storage.flush();
+  }
+
+  /**
+   * Makes every guest cluster of the active layer unallocated (reads go to the backing file);
+   * snapshots and bitmaps are left as they are. Call with no other operation in flight.
+   */
+  async makeEmpty(): Promise<void> {
+    this.requireWriter();
+    await this.flush();
+    this.invalidateReadCaches();
+    await makeEmpty({ storage: this.storage, geometry: this.geometry, l1: this.l1, l2Cache: this.l2Cache, refcounts: this.refcounts! });
+  }
+
+  // ---------------------------------------------------------------- internal snapshots (snapshot-write.ts)
+
+  /** The snapshot table (QEMU's qcow2_snapshot_list: refused with an external data file). */
+  snapshotList(): SnapshotInfo[] {
+    if (this.geometry.hasDataFile) throw new SnapshotError('UNSUPPORTED', 'Internal snapshots are not supported with an external data file', ERRNO.ENOTSUP);
+    return this.snapshots.map(snapshotInfo);
+  }
+
+  async createSnapshot(name: string, options: CreateSnapshotOptions = {}): Promise<SnapshotInfo> {
+    return this.requireWriter().offline(async () => {
+      const { commit, snapshot } = await createSnapshot(this.snapshotHost(), name, options);
+      this.adopt(commit);
+      return snapshotInfo(snapshot);
+    });
+  }
+
+  /** Makes the snapshot found by id, else by name (QEMU's find_snapshot_by_id_or_name), the active image. */
+  async applySnapshot(idOrName: string): Promise<void> {
+    await this.requireWriter().offline(async () => {
+      const index = this.geometry.hasDataFile || (this.header.bitmaps?.nbBitmaps ?? 0) > 0
+        ? 0 // applySnapshot refuses these before looking the name up, as QEMU does
+        : findSnapshotIndexByIdOrName(this.snapshots, idOrName);
+      this.adopt(await applySnapshot(this.snapshotHost(), index));
+    });
+  }
+
+  /** Deletes a snapshot: by id, else by name when given a string; by both when given both. */
+  async deleteSnapshot(which: string | { id?: string; name?: string }): Promise<SnapshotInfo> {
+    return this.requireWriter().offline(async () => {
+      let index: number;
+      if (typeof which === 'string') {
+        index = findSnapshotIndexByIdOrName(this.snapshots, which);
+      } else {
+        index = this.snapshots.findIndex((s) => (which.id === undefined || s.id === which.id) && (which.name === undefined || s.name === which.name));
+        if (which.id === undefined && which.name === undefined) index = -1;
+      }
+      const info = index >= 0 ? snapshotInfo(this.snapshots[index]!) : null;
+      this.adopt(await deleteSnapshot(this.snapshotHost(), index));
+      return info!;
+    });
+  }
+
+  private snapshotHost(): SnapshotHost {
+    return {
+      storage: this.storage, header: this.header, geometry: this.geometry, clusterSize: this.clusterSize,
+      l1Bytes: this.l1.bytes.subarray(0, this.l1.size * 8), snapshots: this.snapshots, virtualSize: this.virtualSize,
+    };
+  }
+
+  /** Takes over the state a snapshot operation committed to the file. */
+  private adopt(c: SnapshotCommit): void {
+    const h = this.header;
+    h.size = c.size;
+    h.l1Size = c.l1Size;
+    h.l1TableOffset = c.l1Offset;
+    h.refcountTableOffset = c.refcountTableOffset;
+    h.refcountTableClusters = c.refcountTableClusters;
+    h.nbSnapshots = c.snapshots.length;
+    h.snapshotsOffset = c.snapshotsOffset;
+    h.autoclearFeatures = c.autoclearFeatures;
+    this.virtualSize = Math.floor(c.size / 512) * 512;
+    const bytes = new Uint8Array(Math.ceil((c.l1Size * 8) / this.clusterSize) * this.clusterSize);
+    bytes.set(c.l1Bytes);
+    Object.assign(this.l1, { bytes, view: new DataView(bytes.buffer), size: c.l1Size, offset: c.l1Offset, relocated: false });
+    this.snapshots.splice(0, this.snapshots.length, ...c.snapshots);
+    this.l2Cache.clear();
+    this.invalidateReadCaches();
+    this.metadataPreallocation = null;
+  }
+
   async close(): Promise<void> {
     try {
       if (this.writer) await this.writer.close();
@@ -467,3 +566,10 @@ export class Qcow2Driver implements FormatDriver {
   }
 }
 
+
+function snapshotInfo(s: Qcow2Snapshot): SnapshotInfo {
+  return {
+    id: s.id, name: s.name, vmStateSize: s.vmStateSize, dateSec: s.dateSec, dateNsec: s.dateNsec,
+    vmClockNsec: s.vmClockNsec, diskSize: s.diskSize, ...(s.icount >= 0 ? { icount: s.icount } : {}),
+  };
+}
