@@ -143,20 +143,12 @@ async function copyDifferences(image: Image, newBacking: Image | null, onStep?: 
     // buffer is read into again.
     if (bufOld.compare(bufNew, 0, n, 0, n) !== 0) {
       const writes: Promise<void>[] = [];
-      let pos = 0;
+      let pos = firstDifferentSector(bufOld, bufNew, 0, n);
       while (pos < n) {
-        const differs = sectorDiffers(bufOld, bufNew, pos, n);
         let end = Math.min(n, pos + SECTOR);
-        for (;;) {
-          // Equal runs are skipped a block of sectors at a time when the whole block is equal.
-          if (!differs) while (end + SKIP_BYTES <= n && bufOld.compare(bufNew, end, end + SKIP_BYTES, end, end + SKIP_BYTES) === 0) end += SKIP_BYTES;
-          if (end >= n || sectorDiffers(bufOld, bufNew, end, n) !== differs) break;
-          end = Math.min(n, end + SECTOR);
-        }
-        if (differs) {
-          writes.push(oldIsZero ? image.writeZeroes(offset + pos, end - pos) : image.write(offset + pos, bufOld.subarray(pos, end)));
-        }
-        pos = end;
+        while (end < n && sectorDiffers(bufOld, bufNew, end, n)) end = Math.min(n, end + SECTOR);
+        writes.push(oldIsZero ? image.writeZeroes(offset + pos, end - pos) : image.write(offset + pos, bufOld.subarray(pos, end)));
+        pos = end < n ? firstDifferentSector(bufOld, bufNew, end, n) : n;
       }
       await Promise.all(writes);
     }
@@ -165,6 +157,27 @@ async function copyDifferences(image: Image, newBacking: Image | null, onStep?: 
     reading = nextReading;
     which ^= 1;
   }
+}
+
+/**
+ * The first sector at or after `from` (a sector boundary) where a and b differ, or n. Equal bytes
+ * are passed SKIP_BYTES at a time; a block that differs is halved down to its first differing
+ * sector (a handful of memcmp calls, where testing sector by sector cost one call per sector).
+ */
+function firstDifferentSector(a: Buffer, b: Buffer, from: number, n: number): number {
+  for (let pos = from; pos < n; pos += SKIP_BYTES) {
+    let hi = Math.min(n, pos + SKIP_BYTES);
+    if (a.compare(b, pos, hi, pos, hi) === 0) continue;
+    let lo = pos;
+    // [lo, hi) holds a difference; lo stays on a sector boundary.
+    while (hi - lo > SECTOR) {
+      const mid = lo + Math.ceil((hi - lo) / (2 * SECTOR)) * SECTOR;
+      if (a.compare(b, lo, mid, lo, mid) !== 0) hi = mid;
+      else lo = mid;
+    }
+    return lo;
+  }
+  return n;
 }
 
 function sectorDiffers(a: Buffer, b: Buffer, pos: number, n: number): boolean {
