@@ -2,7 +2,7 @@
 
 import { realpathSync } from 'node:fs';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, checkFormat, cvtnum, errorText, usageError, type CliContext } from './common.js';
+import { CliError, checkFormat, cvtnum, errorText, openError, usageError, type CliContext } from './common.js';
 import { Progress } from './progress.js';
 import { openImage } from '../open.js';
 import { commitImage } from '../commit.js';
@@ -98,7 +98,7 @@ export async function cmdCommit(args: string[], ctx: CliContext, showHelp: () =>
     try {
       return await openImage(filename, { readOnly: false, writableDepth, ...(format ? { format } : {}) });
     } catch (e) {
-      throw new CliError(prefix + errorText(e));
+      throw openError(prefix, e);
     }
   };
 

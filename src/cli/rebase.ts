@@ -2,7 +2,7 @@
 
 import { realpathSync } from 'node:fs';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, checkFormat, errorText, usageError, type CliContext } from './common.js';
+import { CliError, checkFormat, errorText, openError, usageError, type CliContext } from './common.js';
 import { Progress } from './progress.js';
 import { CACHE_MODES, findBackingDepth, probedRawWarning } from './commit.js';
 import { openImage } from '../open.js';
@@ -94,7 +94,7 @@ export async function cmdRebase(args: string[], ctx: CliContext, showHelp: () =>
       image = opened.image;
       if (opened.probed && image.format === 'raw') ctx.stderr.write(probedRawWarning(filename));
     } catch (e) {
-      throw new CliError(prefix + errorText(e));
+      throw openError(prefix, e);
     }
     if (backingFmt !== undefined && !KNOWN_FORMATS.has(backingFmt)) throw new CliError(`Invalid format name: '${backingFmt}'`);
 
@@ -118,7 +118,7 @@ export async function cmdRebase(args: string[], ctx: CliContext, showHelp: () =>
         try {
           newBacking = (await openImage(path, { readOnly: true, ...(forceShare ? { forceShare: true } : {}), ...(newFormat ? { format: newFormat } : {}) })).image;
         } catch (e) {
-          throw new CliError(failPrefix + errorText(e));
+          throw openError(failPrefix, e);
         }
         ownsNewBacking = true;
       }

@@ -1,7 +1,7 @@
 // qimg snapshot: qemu-img 7.2's img_snapshot (list, create, apply, delete internal snapshots).
 
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, PROGRAM, errorText, usageError, type CliContext } from './common.js';
+import { CliError, PROGRAM, errorText, openError, usageError, type CliContext } from './common.js';
 import { snapshotHeader, snapshotRow } from './info.js';
 import { openImage } from '../open.js';
 import { QimgError } from '../errors.js';
@@ -100,7 +100,7 @@ export async function cmdSnapshot(args: string[], ctx: CliContext, showHelp: () 
   try {
     opened = await openImage(filename, { readOnly, ...(forceShare ? { forceShare: true } : {}) });
   } catch (e) {
-    throw new CliError(prefix + errorText(e));
+    throw openError(prefix, e);
   }
   const { image, probed } = opened;
   try {

@@ -84,6 +84,13 @@ const writers = (file: string): string[][] => [
   ['convert', '-O', 'raw', 'src.qcow2', file],
   ['create', '-f', 'qcow2', file, '1M'],
   ['create', '-f', 'raw', file, '1M'],
+  ['snapshot', '-c', 's1', file],
+  ['snapshot', '-a', 's1', file],
+  ['snapshot', '-d', 's1', file],
+  ['commit', file],
+  ['commit', '-d', file],
+  ['rebase', '-u', '-b', '', file],
+  ['rebase', '-b', '', file],
 ];
 
 /** The commands that only read it (FILE), and where the output goes. */
@@ -94,6 +101,8 @@ const readers = (file: string, out: string): string[][] => [
   ['map', '--output=json', file],
   ['check', file],
   ['convert', '-O', 'qcow2', file, out],
+  ['snapshot', '-l', file],
+  ['compare', file, file],
 ];
 
 describe.concurrent('qemu-io holds the image', () => {
@@ -128,6 +137,9 @@ describe.concurrent('qemu-io holds the image', () => {
       await worked(['resize', 'ro-top.qcow2', '2M']);
       await worked(['check', '-r', 'all', 'ro-top.qcow2']);
       await worked(['convert', '-n', '-O', 'qcow2', 'src.qcow2', 'ro-top.qcow2']);
+      await worked(['snapshot', '-c', 's2', 'ro-top.qcow2']);
+      await worked(['rebase', '-u', '-b', 'ro-base.qcow2', '-F', 'qcow2', 'ro-top.qcow2']);
+      await worked(['commit', 'ro-top.qcow2']);
     });
   });
 
