@@ -2,7 +2,7 @@
 
 import { realpathSync } from 'node:fs';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, checkFormat, cvtnum, errorText, openError, usageError, type CliContext } from './common.js';
+import { CACHE_MODES, CliError, checkFormat, cvtnum, errorText, openError, probedRawWarning, usageError, type CliContext } from './common.js';
 import { Progress } from './progress.js';
 import { openImage } from '../open.js';
 import { commitImage } from '../commit.js';
@@ -22,19 +22,7 @@ const OPTIONS: OptionSpec[] = [
   { key: 'r', short: 'r', hasArg: true },
 ];
 
-/** The cache modes bdrv_parse_cache_mode accepts (qimg has one I/O path; they are only checked). */
-export const CACHE_MODES = new Set(['none', 'off', 'writeback', 'unsafe', 'directsync', 'writethrough']);
 
-/**
- * QEMU's warning when an image opened for writing was probed as raw (the same text as resize's).
- */
-export function probedRawWarning(filename: string): string {
-  return (
-    `WARNING: Image format was not specified for '${filename}' and probing guessed raw.\n` +
-    '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
-    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-  );
-}
 
 function realpathOrNull(path: string): string | null {
   try {

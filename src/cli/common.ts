@@ -1,6 +1,7 @@
 // What every qimg subcommand shares: output streams, qemu-img's error conventions, opening images.
 
 import { QimgError } from '../errors.js';
+import { strerror } from '../io/file.js';
 import { openImage, type OpenImageOptions, type OpenedImage } from '../open.js';
 import { onLockingUnavailable } from '../io/lock.js';
 import type { ImageFormat } from '../image.js';
@@ -170,4 +171,25 @@ export function cvtnum(name: string, value: string): number {
   const INT64_MAX = (1n << 63n) - 1n;
   if (result > INT64_MAX) throw new CliError(`Invalid ${name} specified. Must be between 0 and ${INT64_MAX}.`);
   return Number(result);
+}
+
+/** The cache modes bdrv_parse_cache_mode accepts for -t/-T (qimg has one I/O path: they are only checked). */
+export const CACHE_MODES: ReadonlySet<string> = new Set(['none', 'off', 'writeback', 'unsafe', 'directsync', 'writethrough']);
+
+/** QEMU's warning when an image opened for writing was probed as raw. */
+export function probedRawWarning(filename: string): string {
+  return (
+    `WARNING: Image format was not specified for '${filename}' and probing guessed raw.\n` +
+    '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+  );
+}
+
+/**
+ * The strerror text QEMU reports for a failed read: the errno of a failed file operation, else EIO
+ * (what QEMU's drivers return for corrupt data, e.g. a compressed cluster that does not decompress).
+ */
+export function errnoText(e: unknown): string {
+  const code = e instanceof QimgError ? e.data.errno : (e as { code?: unknown } | null)?.code;
+  return typeof code === 'string' ? strerror(code) : 'Input/output error';
 }

@@ -1,11 +1,10 @@
 // qimg compare: qemu-img 7.2's img_compare (texts, progress and exit statuses).
 
 import { compareImages, CompareError } from '../compare.js';
-import { FormatError, QimgError } from '../errors.js';
+import { FormatError } from '../errors.js';
 import type { Image } from '../image.js';
-import { strerror } from '../io/file.js';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, openForCli, reportError, usageError, withLockNotice, type CliContext } from './common.js';
+import { CACHE_MODES, CliError, errnoText, openForCli, reportError, usageError, withLockNotice, type CliContext } from './common.js';
 import { Progress } from './progress.js';
 
 const OPTIONS: OptionSpec[] = [
@@ -22,7 +21,6 @@ const OPTIONS: OptionSpec[] = [
 ];
 
 /** The cache modes QEMU's bdrv_parse_cache_mode accepts (-T is checked, then has no effect: qimg has one I/O path). */
-const CACHE_MODES = new Set(['none', 'off', 'writeback', 'unsafe', 'directsync', 'writethrough']);
 
 // qemu-img compare's exit statuses beyond 0 (identical) and 1 (different).
 const EXIT_OPEN = 2;
@@ -150,8 +148,3 @@ function chainHasQcow2(image: Image): boolean {
   return false;
 }
 
-/** The strerror text QEMU reports for a failed read: the file error's, else EIO (corrupt data). */
-function errnoText(e: unknown): string {
-  const code = e instanceof QimgError ? e.data.errno : (e as { code?: unknown } | null)?.code;
-  return typeof code === 'string' ? strerror(code) : 'Input/output error';
-}

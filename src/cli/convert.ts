@@ -7,7 +7,7 @@
 import { stat } from 'node:fs/promises';
 import type { Image } from '../image.js';
 import type { Storage } from '../io/storage.js';
-import { FileStorage, strerror } from '../io/file.js';
+import { FileStorage } from '../io/file.js';
 import { createRaw } from '../raw/create.js';
 import { NotFoundError, QimgError } from '../errors.js';
 import { openImage, type OpenedImage } from '../open.js';
@@ -16,7 +16,7 @@ import {
   ConvertBlockStatusError, ConvertReadError, convert, convertTargetSize, type ConvertOptions,
 } from '../convert/convert.js';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, cvtnum, errorText, openError, openForCli, usageError, type CliContext } from './common.js';
+import { CACHE_MODES, CliError, cvtnum, errnoText, errorText, openError, openForCli, type CliContext } from './common.js';
 import { CREATE_PERMS, imageFilePerms, userPerms } from '../io/lock.js';
 import { parseCreateOptions } from './options.js';
 import {
@@ -62,7 +62,6 @@ const KNOWN_ELSEWHERE = new Set(['vmdk', 'vdi', 'vhdx', 'vpc', 'qed', 'qcow', 'l
 
 const MAX_BUF_SECTORS = 32768;
 const MAX_COROUTINES = 16;
-const CACHE_MODES = new Set(['none', 'off', 'writeback', 'unsafe', 'directsync', 'writethrough']);
 
 /** -l snapshot.id=..,snapshot.name=.. as QemuOpts parses it (",," is a literal comma). */
 function parseSnapshotOpts(arg: string): { id?: string; name?: string } {
@@ -448,15 +447,6 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
   return 0;
 }
 
-/**
- * The strerror text QEMU would report for a failed read: the errno of a failed file operation,
- * else EIO (what QEMU's drivers return for corrupt data, e.g. a compressed cluster that does not
- * decompress).
- */
-function errnoText(e: unknown): string {
-  const code = e instanceof QimgError ? e.data.errno : undefined;
-  return typeof code === 'string' ? strerror(code) : 'Input/output error';
-}
 
 /** qcow2 v3 images store persistent bitmaps (QEMU's bdrv_supports_persistent_dirty_bitmap). */
 function supportsBitmaps(image: Image): boolean {

@@ -2,9 +2,9 @@
 
 import { realpathSync } from 'node:fs';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, checkFormat, errorText, openError, usageError, type CliContext } from './common.js';
+import { CACHE_MODES, CliError, checkFormat, errorText, openError, probedRawWarning, usageError, type CliContext } from './common.js';
 import { Progress } from './progress.js';
-import { CACHE_MODES, findBackingDepth, probedRawWarning } from './commit.js';
+import { findBackingDepth } from './commit.js';
 import { openImage } from '../open.js';
 import { rebaseImage } from '../rebase.js';
 import { QimgError } from '../errors.js';

@@ -1,7 +1,7 @@
 // qimg resize: qemu-img 7.2's img_resize.
 
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, PROGRAM, checkFormat, errorText, openError, usageError, type CliContext } from './common.js';
+import { CliError, PROGRAM, checkFormat, openError, probedRawWarning, usageError, type CliContext } from './common.js';
 import { openImage } from '../open.js';
 import { QimgError } from '../errors.js';
 import { parseSize } from './options.js';
@@ -17,14 +17,6 @@ const OPTIONS: OptionSpec[] = [
 ];
 
 const PREALLOC_MODES = new Set(['off', 'metadata', 'falloc', 'full']);
-/** QEMU's raw-format warning when a probed raw image is opened for writing. */
-function probedRawWarning(filename: string): string {
-  return (
-    `WARNING: Image format was not specified for '${filename}' and probing guessed raw.\n` +
-    '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
-    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-  );
-}
 
 export async function cmdResize(args: string[], ctx: CliContext, showHelp: () => number): Promise<number> {
   // The size is taken off the end first so that "-1G" is not parsed as an option (as qemu-img does).

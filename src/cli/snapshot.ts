@@ -1,7 +1,7 @@
 // qimg snapshot: qemu-img 7.2's img_snapshot (list, create, apply, delete internal snapshots).
 
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, PROGRAM, errorText, openError, usageError, type CliContext } from './common.js';
+import { CliError, PROGRAM, errorText, openError, probedRawWarning, usageError, type CliContext } from './common.js';
 import { snapshotHeader, snapshotRow } from './info.js';
 import { openImage } from '../open.js';
 import { QimgError } from '../errors.js';
@@ -44,14 +44,6 @@ function strerror(errno: number): string {
   return STRERROR[errno] ?? `Unknown error ${errno}`;
 }
 
-/** QEMU's warning when a probed raw image is opened for writing. */
-function probedRawWarning(filename: string): string {
-  return (
-    `WARNING: Image format was not specified for '${filename}' and probing guessed raw.\n` +
-    '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
-    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-  );
-}
 
 /** bdrv_snapshot_list as qemu-img sees it: a format or image that cannot hold snapshots lists none. */
 function listOrNone(image: Image): SnapshotInfo[] | null {

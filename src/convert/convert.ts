@@ -157,7 +157,7 @@ class ChunkPlanner {
     const sector = this.sector;
     if (sector >= this.totalSectors) return null;
     let n = Math.min(this.totalSectors - sector, REQUEST_MAX_SECTORS);
-    const { targetHasBacking, targetBackingSectors, clusterSectors } = this.mode;
+    const { targetBackingSectors, clusterSectors } = this.mode;
     let postBackingZero = false;
     if (targetBackingSectors >= 0) {
       // Past the target's backing file, zeros need not be written (the target reads zeros there).
