@@ -28,15 +28,15 @@ Disk image utility (qcow2 and raw), speaking qemu-img's command line
 
 Command syntax:
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
   compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   convert [-U] [-c] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-m num] [-W] [--target-is-zero] [-n] [-p | -q] [--progress=json] filename [filename2 [...]] output_filename
-  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
-  resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
-  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
   map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename
+  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
   rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename
+  resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
 
 Supported formats: qcow2 raw
 
