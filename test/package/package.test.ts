@@ -41,14 +41,15 @@ function node(args: string[], cwd: string, env: NodeJS.ProcessEnv): Promise<Tool
   });
 }
 
-/** The first ```ts block under the README's "## Library" heading. */
-function readmeLibraryExample(): string {
+/** The `n`th (0: first) ```ts block under the README's "## Library" heading. */
+function readmeLibraryExample(n = 0): string {
   const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
   const section = readme.indexOf('\n## Library\n');
   expect(section, 'README.md has a "## Library" section').toBeGreaterThan(0);
-  const m = /```ts\n([\s\S]*?)```/.exec(readme.slice(section));
-  expect(m, 'a ```ts block under "## Library"').not.toBeNull();
-  return m![1]!;
+  const end = readme.indexOf('\n## ', section + 1);
+  const blocks = [...readme.slice(section, end < 0 ? undefined : end).matchAll(/```ts\n([\s\S]*?)```/g)];
+  expect(blocks.length, `a ${n + 1}. \`\`\`ts block under "## Library"`).toBeGreaterThan(n);
+  return blocks[n]![1]!;
 }
 
 let packed: string[] = [];
@@ -130,8 +131,9 @@ console.log(require.resolve('qimg'));
     expect(bytes.equals(expected)).toBe(true);
   });
 
-  it("the README's library example type-checks against the shipped .d.ts (ESM), and a CommonJS consumer against .d.cts", async () => {
+  it("the README's library examples type-check against the shipped .d.ts (ESM), and a CommonJS consumer against .d.cts", async () => {
     writeFileSync(join(app, 'example.mts'), readmeLibraryExample());
+    writeFileSync(join(app, 'example-2.mts'), readmeLibraryExample(1));
     // Declaration files are not checked themselves (skipLibCheck: checking @types/node costs
     // seconds), so a type the .d.ts failed to resolve would become 'any' and let anything pass.
     // Each @ts-expect-error below marks a type error that exists only while the declarations are
@@ -164,7 +166,7 @@ export const d: string = await ({} as typeof cjs).make('z');
 `);
     writeFileSync(join(app, 'tsconfig.json'), JSON.stringify({
       compilerOptions: { target: 'ES2022', module: 'NodeNext', moduleResolution: 'NodeNext', strict: true, noEmit: true, types: ['node'], skipLibCheck: true },
-      files: ['example.mts', 'consumer.cts', 'real-types.mts'],
+      files: ['example.mts', 'example-2.mts', 'consumer.cts', 'real-types.mts'],
     }));
     const tsc = await run(process.execPath, [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.json'], { cwd: app });
     expect(tsc.code, tsc.stdout + tsc.stderr).toBe(0);
@@ -215,6 +217,45 @@ export const d: string = await ({} as typeof cjs).make('z');
     const cmp = await qemuImgResult(['compare', 'new.qcow2', 'ref.qcow2'], { cwd: dir });
     expect(cmp.stdout + cmp.stderr).toBe('Images are identical.\n');
     expect(await qemuMap(join(dir, 'new.qcow2'))).toEqual(await qemuMap(join(dir, 'ref.qcow2')));
+  });
+
+  it("the README's second library example (compare, commit, rebase) runs as written; QEMU judges the files", async () => {
+    const dir = join(app, 'readme-2');
+    mkdirSync(dir);
+    writeFileSync(join(dir, 'example.mjs'), readmeLibraryExample(1));
+    const q = (args: string[]): Promise<ToolResult> => qemuImg(args, { cwd: dir });
+    // a.qcow2 and its raw copy b.raw; top.qcow2 over base.qcow2; overlay.qcow2 over old.qcow2, to move onto new-base.qcow2.
+    await Promise.all(['a', 'base', 'old', 'new-base'].map((f) => q(['create', '-q', '-f', 'qcow2', `${f}.qcow2`, '2M'])));
+    await Promise.all([
+      qemuIo('a.qcow2', ['write -P 0x44 64k 128k'], { cwd: dir }),
+      qemuIo('base.qcow2', ['write -P 0x11 0 1M'], { cwd: dir }),
+      qemuIo('old.qcow2', ['write -P 0x55 0 2M'], { cwd: dir }),
+      qemuIo('new-base.qcow2', ['write -P 0x66 512k 1M'], { cwd: dir }),
+    ]);
+    await q(['convert', '-O', 'raw', 'a.qcow2', 'b.raw']);
+    await q(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2']);
+    await q(['create', '-q', '-f', 'qcow2', '-b', 'old.qcow2', '-F', 'qcow2', 'overlay.qcow2']);
+    await Promise.all([
+      qemuIo('top.qcow2', ['write -P 0x22 512k 1M', 'write -z 0 64k'], { cwd: dir }),
+      qemuIo('overlay.qcow2', ['write -P 0x77 0 64k'], { cwd: dir }),
+    ]);
+    // What the guest sees before: the top chain (to land in base.qcow2) and the overlay's chain (to stay as it is).
+    await Promise.all([q(['convert', '-O', 'raw', 'top.qcow2', 'top-view.raw']), q(['convert', '-O', 'raw', 'overlay.qcow2', 'overlay-view.raw'])]);
+    const r = await run(process.execPath, ['example.mjs'], { cwd: dir });
+    expect({ code: r.code, stderr: r.stderr }).toEqual({ code: 0, stderr: '' });
+    expect(r.stdout).toBe("{ kind: 'identical' }\n");
+    for (const f of ['base.qcow2', 'top.qcow2', 'overlay.qcow2']) expect((await qemuImgResult(['check', f], { cwd: dir })).code, f).toBe(0);
+    const same = async (x: string, fx: string, y: string): Promise<string> => {
+      const c = await qemuImgResult(['compare', '-f', fx, '-F', 'raw', x, y], { cwd: dir });
+      return c.stdout + c.stderr;
+    };
+    // Committed: base.qcow2 alone reads as the top chain did, and top.qcow2 (emptied) still does.
+    expect(await same('base.qcow2', 'qcow2', 'top-view.raw')).toBe('Images are identical.\n');
+    expect(await same('top.qcow2', 'qcow2', 'top-view.raw')).toBe('Images are identical.\n');
+    // Rebased: the overlay names new-base.qcow2 and its guest still sees what it saw.
+    const info = JSON.parse((await q(['info', '--output=json', 'overlay.qcow2'])).stdout) as Record<string, unknown>;
+    expect({ backing: info['backing-filename'], format: info['backing-filename-format'] }).toEqual({ backing: 'new-base.qcow2', format: 'qcow2' });
+    expect(await same('overlay.qcow2', 'qcow2', 'overlay-view.raw')).toBe('Images are identical.\n');
   });
 
   it("the README's command line from the package: create and info print what qemu-img prints", async () => {
