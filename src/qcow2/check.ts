@@ -13,8 +13,8 @@ import { readFullZeroFill } from '../io/storage.js';
 import { parseHeader, type Qcow2Header } from './header.js';
 import { serializeHeader } from './header-write.js';
 import {
-  EXT_CRYPTO, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2, MAX_L1_BYTES, MAX_SNAPSHOTS,
-  MAX_SNAPSHOTS_TABLE_BYTES, MAX_SNAPSHOT_EXTRA_DATA, SNAPSHOT_HEADER_SIZE, TWO_POW_32,
+  COMPRESSED_HI, COPIED_HI, EXT_CRYPTO, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+  MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOTS_TABLE_BYTES, MAX_SNAPSHOT_EXTRA_DATA, SNAPSHOT_HEADER_SIZE, TWO_POW_32,
 } from './layout.js';
 import { refcountGetter, type RefcountGetter } from './refcount.js';
 
@@ -324,10 +324,10 @@ class Checker {
   }
 
   clusterType(hi: number, lo: number): CType {
-    if (hi & 0x40000000) return CType.Compressed;
+    if (hi & COMPRESSED_HI) return CType.Compressed;
     const hasOffset = (hi & 0x00ffffff) !== 0 || (lo & 0xfffffe00) !== 0;
     if (lo & 1 && !this.extL2) return hasOffset ? CType.ZeroAlloc : CType.ZeroPlain;
-    if (!hasOffset) return this.dataFile && hi & 0x80000000 ? CType.Normal : CType.Unallocated;
+    if (!hasOffset) return this.dataFile && hi & COPIED_HI ? CType.Normal : CType.Unallocated;
     return CType.Normal;
   }
 
@@ -376,9 +376,9 @@ class Checker {
           const shift = 62 - (this.cbits - 8);
           const hiShift = shift - 32;
           const offHi = hi & ((1 << hiShift) - 1);
-          if (hi & 0x80000000) {
+          if (hi & COPIED_HI) {
             this.msg(`ERROR: coffset=0x${hex64(offHi, lo)}: copied flag must never be set for compressed clusters`);
-            hi &= 0x7fffffff;
+            hi = (hi & ~COPIED_HI) >>> 0;
             res.corruptions++;
           }
           if (this.dataFile) {
@@ -758,11 +758,11 @@ class Checker {
       if (!num(l2Offset)) continue;
       const rc = typeof l2Offset === 'bigint' ? 0 : await stored(Math.floor(l2Offset / this.cs));
       if (rc === null) continue;
-      if ((rc === 1) !== ((hi & 0x80000000) !== 0)) {
+      if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
         res.corruptions++;
         this.msg(`${word} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${rc}`);
         if (repair) {
-          hi = rc === 1 ? (hi | 0x80000000) >>> 0 : hi & 0x7fffffff;
+          hi = rc === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0;
           this.l1.setUint32(i * 8, hi);
           await this.storage.write(new Uint8Array(this.l1.buffer.slice(i * 8, i * 8 + 8)), this.h.l1TableOffset + i * 8);
           res.corruptions--;
@@ -785,11 +785,11 @@ class Checker {
           erc = typeof off === 'bigint' ? 0 : await stored(Math.floor(off / this.cs));
           if (erc === null) continue;
         }
-        if ((erc === 1) !== ((ehi & 0x80000000) !== 0)) {
+        if ((erc === 1) !== ((ehi & COPIED_HI) !== 0)) {
           res.corruptions++;
           this.msg(`${word} OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${erc}`);
           if (repair) {
-            t.setUint32(at, erc === 1 ? (ehi | 0x80000000) >>> 0 : ehi & 0x7fffffff);
+            t.setUint32(at, erc === 1 ? (ehi | COPIED_HI) >>> 0 : (ehi & ~COPIED_HI) >>> 0);
             dirty++;
           }
         }

@@ -3,9 +3,8 @@
 // subcluster granularity).
 
 import { standardHostOffset, type L2Geometry } from './l2-entry.js';
+import { COMPRESSED_HI, COPIED_HI } from './layout.js';
 
-const COMPRESSED_HI = 0x40000000;
-const COPIED_HI = 0x80000000;
 
 /** QEMU's QCow2ClusterType (the cluster-level classification; extended L2 has no cluster-level zero types). */
 export const enum ClusterKind {

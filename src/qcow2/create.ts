@@ -17,8 +17,8 @@ import { QimgError, UsageError } from '../errors.js';
 import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header-write.js';
 import {
-  AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
-  MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS, SUBCLUSTERS_PER_CLUSTER,
+  AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COPIED_HI, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE,
+  INCOMPAT_EXTL2, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS, SUBCLUSTERS_PER_CLUSTER,
 } from './layout.js';
 
 export type Qcow2Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
@@ -748,7 +748,6 @@ export interface WriteTargets {
   data?: Storage;
 }
 
-const COPIED_HI = 0x80000000;
 
 async function writeZeros(storage: Storage, offset: number, length: number): Promise<void> {
   const chunk = 1 << 20;

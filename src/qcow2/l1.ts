@@ -3,9 +3,8 @@
 
 import type { Storage } from '../io/storage.js';
 import { FormatError } from '../errors.js';
-import { TWO_POW_32, entryOffset, hex } from './layout.js';
+import { COPIED_HI, TWO_POW_32, entryOffset, hex } from './layout.js';
 
-const COPIED_HI = 0x80000000;
 
 export class L1Table {
   bytes: Uint8Array;

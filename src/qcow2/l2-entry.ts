@@ -1,6 +1,6 @@
 // L2 entries: classification into QEMU's subcluster types and decoding of descriptors, as pure functions.
 
-import { TWO_POW_32 } from './layout.js';
+import { COMPRESSED_HI, COPIED_HI, TWO_POW_32 } from './layout.js';
 
 /** QEMU's QCow2SubclusterType. */
 export const enum SubclusterType {
@@ -26,8 +26,6 @@ export interface L2Geometry {
 }
 
 /** Bits 62 (compressed) and 0 (zero flag) of the entry's high/low halves. */
-const COMPRESSED_BIT_HI = 0x40000000;
-const COPIED_BIT_HI = 0x80000000;
 
 /**
  * Classifies one (sub)cluster, QEMU's qcow2_get_subcluster_type. `bitmapHi`/`bitmapLo` are the
@@ -36,17 +34,17 @@ const COPIED_BIT_HI = 0x80000000;
 export function subclusterType(
   g: L2Geometry, hi: number, lo: number, bitmapHi: number, bitmapLo: number, scIndex: number,
 ): SubclusterType {
-  if (hi & COMPRESSED_BIT_HI) return SubclusterType.Compressed;
+  if (hi & COMPRESSED_HI) return SubclusterType.Compressed;
   const hasOffset = (hi & 0x00ffffff) !== 0 || (lo & 0xfffffe00) !== 0;
   if (!g.extendedL2) {
     if (lo & 1) return hasOffset ? SubclusterType.ZeroAlloc : SubclusterType.ZeroPlain;
     if (!hasOffset) {
       // Offset 0 is valid in an external data file; the COPIED bit tells it apart from unallocated.
-      return g.hasDataFile && hi & COPIED_BIT_HI ? SubclusterType.Normal : SubclusterType.UnallocatedPlain;
+      return g.hasDataFile && hi & COPIED_HI ? SubclusterType.Normal : SubclusterType.UnallocatedPlain;
     }
     return SubclusterType.Normal;
   }
-  const normal = hasOffset || (g.hasDataFile && (hi & COPIED_BIT_HI) !== 0);
+  const normal = hasOffset || (g.hasDataFile && (hi & COPIED_HI) !== 0);
   const bit = 1 << scIndex;
   if (normal) {
     if ((bitmapHi & bitmapLo) !== 0) return SubclusterType.Invalid;

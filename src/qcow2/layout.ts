@@ -84,3 +84,10 @@ export function isAligned(value: number, alignment: number): boolean {
 export function hex(n: number): string {
   return '0x' + n.toString(16);
 }
+
+/**
+ * The flags of an L1/L2 entry, as bits of its high 32-bit word: QCOW_OFLAG_COPIED (bit 63: the
+ * cluster's refcount is exactly 1, it may be written in place) and QCOW_OFLAG_COMPRESSED (bit 62).
+ */
+export const COPIED_HI = 0x80000000;
+export const COMPRESSED_HI = 0x40000000;

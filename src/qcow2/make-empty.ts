@@ -9,6 +9,7 @@ import type { Refcounts } from './allocator.js';
 import type { MetaCache } from './cache.js';
 import type { L1Table } from './l1.js';
 import { decodeCompressed, standardHostOffset, type L2Geometry } from './l2-entry.js';
+import { COMPRESSED_HI } from './layout.js';
 
 /** The driver state emptying works on (Qcow2Driver supplies it, its writer flushed and idle). */
 export interface MakeEmptyHost {
@@ -18,8 +19,6 @@ export interface MakeEmptyHost {
   l2Cache: MetaCache;
   refcounts: Refcounts;
 }
-
-const COMPRESSED_BIT_HI = 0x40000000;
 
 /**
  * Clears every active L1 entry (one write of the table, then a flush), then drops one reference
@@ -40,7 +39,7 @@ export async function makeEmpty(host: MakeEmptyHost): Promise<void> {
     for (let i = 0; i < g.l2Entries; i++) {
       const hi = table.getUint32(i * g.entryBytes);
       const lo = table.getUint32(i * g.entryBytes + 4);
-      if (hi & COMPRESSED_BIT_HI) {
+      if (hi & COMPRESSED_HI) {
         const desc = decodeCompressed(g, hi, lo);
         if (!desc) continue;
         const start = desc.hostOffset - (desc.hostOffset % 512);

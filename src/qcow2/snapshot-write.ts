@@ -25,7 +25,8 @@ import { readFullZeroFill } from '../io/storage.js';
 import { FormatError, QimgError } from '../errors.js';
 import { validateTable, type Qcow2Header } from './header.js';
 import {
-  AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS, TWO_POW_32, entryOffset, hex,
+  AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPRESSED_HI, COPIED_HI, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+  MAX_SNAPSHOTS, TWO_POW_32, entryOffset, hex,
 } from './layout.js';
 import { decodeCompressed, standardHostOffset, type L2Geometry } from './l2-entry.js';
 import { refcountGetter, refcountMax, refcountSetter, type RefcountGetter, type RefcountSetter } from './refcount.js';
@@ -33,8 +34,6 @@ import {
   newSnapshotId, serializeSnapshotTable, snapshotTableSize, storedSnapshotTableSize, type Qcow2Snapshot, SNAPSHOT_EXTRA_DATA_SIZE,
 } from './snapshots.js';
 
-const COPIED_HI = 0x80000000;
-const COMPRESSED_HI = 0x40000000;
 /** Old refcount blocks kept in memory while a transaction reads them (they are re-read when evicted). */
 const OLD_BLOCK_CACHE = 64;
 /** Normal host offsets stay below 2^53 here (QEMU's limit is 2^56; a JS number stops first). */

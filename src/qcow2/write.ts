@@ -13,7 +13,8 @@ import { QimgError, UnsupportedError, UsageError } from '../errors.js';
 import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header-write.js';
 import {
-  AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, SUBCLUSTERS_PER_CLUSTER, TWO_POW_32,
+  AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPRESSED_HI, COPIED_HI, INCOMPAT_DIRTY,
+  SUBCLUSTERS_PER_CLUSTER, TWO_POW_32,
 } from './layout.js';
 import { decodeCompressed, standardHostOffset, type L2Geometry } from './l2-entry.js';
 import type { MetaCache } from './cache.js';
@@ -26,8 +27,6 @@ import { clusterKind, ClusterKind, cowSpan, type ClusterPlan } from './cow.js';
 import type { BitmapTracker } from './bitmaps-write.js';
 import type { BitmapStoreHost } from './bitmaps-resize.js';
 
-const COPIED_HI = 0x80000000;
-const COMPRESSED_HI = 0x40000000;
 /** Extended L2: all 32 subclusters read as zeros (zero bits are the bitmap's high word). */
 const ALL_ONES = 0xffffffff;
 /** Deferred frees above this many ranges are applied at the end of the operation. */
