@@ -1085,12 +1085,14 @@ export class Qcow2Writer {
     const kind = clusterKind(g, e.hi, e.lo);
     const vEnd = Math.min(cs, this.d.virtualSize - c * cs);
     if (kind === ClusterKind.ZeroPlain || kind === ClusterKind.ZeroAlloc) return;
-    if (kind === ClusterKind.Unallocated && !io.hasBacking && !g.extendedL2) return;
+    // An unallocated cluster without a backing file reads as zeros already, but on v3 QEMU still
+    // makes it a zero cluster (below): were a backing file named later (rebase), unallocated
+    // would show that file's bytes where the guest wrote zeros. v2 has no zero flag.
+    if (kind === ClusterKind.Unallocated && !io.hasBacking && this.d.header.version < 3) return;
     if (g.extendedL2 && this.d.header.version >= 3 && kind !== ClusterKind.Compressed) {
       const sc = this.sc;
       const s0 = Math.ceil(a / sc);
       const s1 = b >= vEnd ? Math.ceil(b / sc) : Math.floor(b / sc);
-      if (kind === ClusterKind.Unallocated && !io.hasBacking && e.bLo === 0) return; // all subclusters read as zeros
       if (s1 > s0) {
         const { offset: l2Offset, table } = await this.ensureL2(l1Index);
         const cur = this.readEntry(table, idx);

@@ -105,6 +105,27 @@ const CASES: Case[] = [
     steps: [{ img: ['create', '-q', '-f', 'qcow2', '-u', '-b', 'gone.qcow2', '-F', 'qcow2', 'top.qcow2', '1M'] }, { img: ['create', '-q', '-f', 'qcow2', 'other.img', '1M'] }],
     args: ['rebase', '-b', 'other.img', '-F', 'qcow2', 'top.qcow2'], files: [['top.qcow2', 'qcow2', { chain: false }]],
   },
+  {
+    // The new backing file has data in part of a cluster the image leaves unallocated: the zeros
+    // the image read there must stay zeros (qemu-img writes a zero cluster; qimg once skipped the
+    // partial zero write because, without a backing file yet, the cluster already read as zeros).
+    name: 'a file with no backing file onto one with data in part of an unallocated cluster',
+    steps: [
+      { img: ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', 'top.qcow2', '16k'] },
+      { img: ['create', '-q', '-f', 'raw', 'other.img', '80k'] },
+      { io: ['other.img', 'raw', 'write -P 100 8192 1536'] },
+    ],
+    args: ['rebase', '-b', 'other.img', '-F', 'raw', 'top.qcow2'], files: [['top.qcow2', 'qcow2'], ['other.img', 'raw']],
+  },
+  {
+    name: 'the same with extended L2 subclusters',
+    steps: [
+      { img: ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k,extended_l2=on', 'top.qcow2', '256k'] },
+      { img: ['create', '-q', '-f', 'raw', 'other.img', '320k'] },
+      { io: ['other.img', 'raw', 'write -P 100 65536 1536', 'write -P 101 140k 6k'] },
+    ],
+    args: ['rebase', '-b', 'other.img', '-F', 'raw', 'top.qcow2'], files: [['top.qcow2', 'qcow2'], ['other.img', 'raw']],
+  },
   { name: 'neither -b nor -u', steps: [], args: ['rebase', 'top.qcow2'], files: [] },
   { name: 'invalid cache mode, -p', steps: chain(), args: ['rebase', '-p', '-t', 'bad', '-b', '', 'top.qcow2'], files: ALL() },
   { name: 'invalid source cache mode', steps: chain(), args: ['rebase', '-T', 'bad', '-b', '', 'top.qcow2'], files: ALL() },
