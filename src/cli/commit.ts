@@ -2,12 +2,15 @@
 
 import { realpathSync } from 'node:fs';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CACHE_MODES, CliError, checkFormat, cvtnum, errorText, openError, probedRawWarning, usageError, type CliContext } from './common.js';
+import {
+  CACHE_MODES, CliError, checkFormat, cvtnum, errnoText, errorText, openError, probedRawWarning, usageError, type CliContext,
+} from './common.js';
 import { Progress } from './progress.js';
 import { openImage } from '../open.js';
 import { commitImage } from '../commit.js';
 import { resolveRelativeName } from '../io/gate.js';
 import type { Image } from '../image.js';
+import { UnsupportedError, UsageError } from '../errors.js';
 
 const OPTIONS: OptionSpec[] = [
   { key: 'help', short: 'h', long: 'help', hasArg: false },
@@ -117,7 +120,10 @@ export async function cmdCommit(args: string[], ctx: CliContext, showHelp: () =>
         ...(meter ? { onProgress: (done: number, total: number) => meter.print(total > 0 ? (done / total) * 100 : 0, 0) } : {}),
       });
     } catch (e) {
-      throw e instanceof CliError ? e : new CliError(errorText(e));
+      if (e instanceof CliError) throw e;
+      if (e instanceof UsageError) throw new CliError(errorText(e));
+      // qemu-img reports a failure inside its commit job by its errno only.
+      throw new CliError(`Block job failed: ${e instanceof UnsupportedError ? 'Operation not supported' : errnoText(e)}`);
     }
     meter?.print(100, 0);
     await image.close();

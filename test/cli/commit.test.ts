@@ -47,6 +47,19 @@ const CASES: Case[] = [
   { name: '-p', steps: chain(), args: ['commit', '-p', 'mid.qcow2'], files: ALL(), progress: true },
   { name: 'mid into base (mid larger than base)', steps: chain(), args: ['commit', '-f', 'qcow2', 'mid.qcow2'], files: ALL() },
   { name: 'raw base grown', steps: chain({ rawBase: true }), args: ['commit', '-b', 'base.img', 'top.qcow2'], files: ALL(true) },
+  {
+    // Growing a v2 base over a backing file that reaches past its end needs zero clusters v2 lacks:
+    // the job fails, and qemu-img reports it as a failed block job with the errno only.
+    name: 'a v2 base that must grow over its own longer backing file: the job fails',
+    steps: [
+      { img: ['create', '-q', '-f', 'qcow2', 'under.qcow2', '2M'] },
+      { io: ['under.qcow2', 'qcow2', 'write -P 6 1536k 64k'] },
+      { img: ['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', '-b', 'under.qcow2', '-F', 'qcow2', 'base.qcow2', '1M'] },
+      { img: ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2', '2M'] },
+      { io: ['top.qcow2', 'qcow2', 'write -P 3 0 64k'] },
+    ],
+    args: ['commit', 'top.qcow2'], files: [['top.qcow2', 'qcow2'], ['base.qcow2', 'qcow2'], ['under.qcow2', 'qcow2']],
+  },
   { name: 'raw base, mid emptied', steps: chain({ rawBase: true }), args: ['commit', 'mid.qcow2'], files: ALL(true) },
   {
     name: '512 B clusters over 2 MiB clusters, refcount_bits 1 and 64',
