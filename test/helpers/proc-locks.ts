@@ -142,7 +142,9 @@ export async function holdWithQemuIo(
 ): Promise<Background> {
   const proc = background('qemu-io', ['-f', format, ...opts, '-c', 'sleep 100000000', files[0]!], cwd);
   try {
-    await waitFor(proc, `qemu-io locked ${files.join(', ')}`, () => files.every((f) => probeBytes(f).length > 0));
+    // QEMU takes its lock bytes one fcntl at a time: wait until they stop changing, or a probe
+    // between two of them sees half the set (a CI run saw byte 100 without 101).
+    await settledLocks(proc, files, (bytes) => bytes.every((b) => b.length > 0));
   } catch (e) {
     await proc.stop();
     throw e;
