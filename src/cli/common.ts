@@ -7,7 +7,15 @@ import { onLockingUnavailable } from '../io/lock.js';
 import type { ImageFormat } from '../image.js';
 import { GetoptError } from './getopt.js';
 
-export const PROGRAM = 'qimg';
+/**
+ * The name messages start with: qimg, or qemu-img when the command line was started through a link
+ * of that name (a drop-in for scripts that match qemu-img's messages). Set once by runCli.
+ */
+export let PROGRAM = 'qimg';
+
+export function setProgramName(name: string): void {
+  PROGRAM = name;
+}
 
 /** Where a command writes. Text goes out as UTF-8; `flush` pushes buffered output (progress lines). */
 export interface CliOutput {
@@ -118,8 +126,12 @@ export function openError(prefix: string, e: unknown): CliError {
 }
 
 /** The notice printed (once per command) when images are opened without locks. */
-export const LOCKING_UNAVAILABLE_NOTICE =
-  `${PROGRAM}: warning: image locking is unavailable (no native helpers): other processes using the image are not detected\n`;
+export function lockingUnavailableNotice(program: string = PROGRAM): string {
+  return `${program}: warning: image locking is unavailable (no native helpers): other processes using the image are not detected\n`;
+}
+
+/** The notice as qimg prints it under its own name. */
+export const LOCKING_UNAVAILABLE_NOTICE = lockingUnavailableNotice('qimg');
 
 /**
  * Runs a command with the lock notice armed: the first file opened without the image locks it
@@ -130,7 +142,7 @@ export async function withLockNotice<T>(ctx: CliContext, run: () => Promise<T>):
   const previous = onLockingUnavailable(() => {
     if (printed) return;
     printed = true;
-    ctx.stderr.write(LOCKING_UNAVAILABLE_NOTICE);
+    ctx.stderr.write(lockingUnavailableNotice());
   });
   try {
     return await run();

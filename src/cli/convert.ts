@@ -16,7 +16,7 @@ import {
   ConvertBlockStatusError, ConvertReadError, convert, convertTargetSize, type ConvertOptions,
 } from '../convert/convert.js';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CACHE_MODES, CliError, cvtnum, errnoText, errorText, openError, openForCli, type CliContext } from './common.js';
+import { CACHE_MODES, CliError, PROGRAM, cvtnum, errnoText, errorText, openError, openForCli, type CliContext } from './common.js';
 import { CREATE_PERMS, imageFilePerms, userPerms } from '../io/lock.js';
 import { parseCreateOptions } from './options.js';
 import {
@@ -371,11 +371,11 @@ export async function cmdConvert(args: string[], ctx: CliContext, showHelp: () =
         ? {
             salvage: true,
             onReadError: ({ offset, error }) => {
-              if (!quiet) ctx.stderr.write(`qimg: warning: error while reading offset ${offset}: ${errnoText(error)}\n`);
+              if (!quiet) ctx.stderr.write(`${PROGRAM}: warning: error while reading offset ${offset}: ${errnoText(error)}\n`);
             },
             onBlockStatusError: ({ offset, error }) => {
               if (!quiet) {
-                ctx.stderr.write(`qimg: warning: error while reading block status at offset ${offset}: ${errnoText(error)}\n`);
+                ctx.stderr.write(`${PROGRAM}: warning: error while reading block status at offset ${offset}: ${errnoText(error)}\n`);
               }
             },
           }
@@ -486,7 +486,7 @@ async function copyBitmaps(
   let failure: CliError | null = null;
   for (const bm of [...list].reverse()) {
     if (skipBroken && bm.inUse) {
-      ctx.stderr.write(`qimg: warning: Skipping inconsistent bitmap '${bm.name}'\n`);
+      ctx.stderr.write(`${PROGRAM}: warning: Skipping inconsistent bitmap '${bm.name}'\n`);
       continue;
     }
     if (existing.some((e) => e.name === bm.name) || added.some((e) => e.name === bm.name)) {

@@ -3,9 +3,10 @@
 import { setFlagsFromString } from 'node:v8';
 import { availableParallelism } from 'node:os';
 import { runInNewContext } from 'node:vm';
+import { basename } from 'node:path';
 import packageJson from '../../package.json';
 import { getopt, type OptionSpec } from './getopt.js';
-import { CliError, PROGRAM, reportError, usageError, withLockNotice, type CliContext, type CliOutput } from './common.js';
+import { CliError, PROGRAM, reportError, setProgramName, usageError, withLockNotice, type CliContext, type CliOutput } from './common.js';
 import { cmdInfo } from './info.js';
 import { cmdMap } from './map.js';
 import { cmdConvert } from './convert.js';
@@ -19,7 +20,7 @@ import { cmdRebase } from './rebase.js';
 
 const VERSION: string = packageJson.version;
 
-const HELP = `${PROGRAM} version ${VERSION} (qemu-img 7.2 compatible)
+const help = (): string => `${PROGRAM} version ${VERSION} (qemu-img 7.2 compatible)
 usage: ${PROGRAM} [standard options] command [command options]
 Disk image utility (qcow2 and raw), speaking qemu-img's command line
 
@@ -75,7 +76,7 @@ export async function main(argv: readonly string[], ctx: CliContext): Promise<nu
     const { options, operands } = getopt(argv, MAIN_OPTIONS, true);
     for (const o of options) {
       if (o.key === 'help') {
-        ctx.stdout.write(HELP);
+        ctx.stdout.write(help());
         return 0;
       }
       if (o.key === 'version') {
@@ -89,7 +90,7 @@ export async function main(argv: readonly string[], ctx: CliContext): Promise<nu
     if (!command) throw usageError(`Command not found: ${name}`);
     // Images opened without the locks they want (no native helpers) get a one-line notice.
     return await withLockNotice(ctx, () => command(rest, ctx, () => {
-      ctx.stdout.write(HELP);
+      ctx.stdout.write(help());
       return 0;
     }));
   } catch (e) {
@@ -231,6 +232,8 @@ const MAX_POOL_THREADS = 64;
 /** Runs the command line of this process (process.argv) and exits with its status. */
 export function runCli(): void {
   sizeThreadPool();
+  // Started through a link named qemu-img: speak as qemu-img (its scripts match "qemu-img: ...").
+  if (basename(process.argv[1] ?? '') === 'qemu-img') setProgramName('qemu-img');
   process.on('uncaughtException', (e) => {
     process.stderr.write(`${PROGRAM}: ${e instanceof Error ? e.message : String(e)}\n`);
     process.exit(1);
